@@ -1,0 +1,175 @@
+"""Command line: ``worker run | evaluate | train | check`` (also ``python -m worker``).
+
+Exit codes: 0 success, 1 runtime failure, 2 configuration error (the message names the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from collections.abc import Sequence
+
+import orjson
+
+from worker.config import Settings, dump_settings, load_settings
+from worker.errors import ConfigError, WorkerError
+
+log = logging.getLogger("worker")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    sys.stdout.write(dump_settings(settings))
+    sys.stdout.write("# configuration OK\n")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from worker.checkpoint import open_store
+    from worker.learning import Engine
+    from worker.logs import setup_logging
+    from worker.monitoring.telemetry import Telemetry, TelemetryServer
+    from worker.runtime import Runtime
+    from worker.transports import open_transport
+
+    settings = _settings(args)
+    setup_logging(settings.telemetry.log_level, settings.telemetry.log_format)
+    telemetry = Telemetry()
+    server = None
+    if settings.telemetry.port is not None:
+        server = TelemetryServer(telemetry, settings.telemetry.host, settings.telemetry.port).start()
+        log.info("telemetry listening", extra={"port": server.port})
+    try:
+        engine = Engine(settings, telemetry)
+        store = open_store(settings.checkpoint.store) if settings.checkpoint.store else None
+        key = settings.checkpoint.hmac_key.get_secret_value().encode() if settings.checkpoint.hmac_key else None
+        source, sink = open_transport(settings, telemetry)
+        runtime = Runtime(engine, source, sink, store, key)
+        runtime.install_signal_handlers()
+        return runtime.run()
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _offline(settings: Settings, data: str, publish: bool):
+    """Run the configured pipeline over a file with no sink; returns (shard, outputs)."""
+    from worker.learning import Engine
+    from worker.records import Outputs
+    from worker.transports.file import FileSource
+
+    engine = Engine(settings)
+    source = FileSource(data)
+    source.start(None)
+    shard = engine.shard(source.shard)
+    collected = Outputs()
+    publish_from = 0 if publish else math.inf
+    while batches := source.poll(settings.limits.batch_size, 0.0):
+        for b in batches:
+            out = shard.process(b.values, b.positions, publish_from=publish_from)
+            collected.drift.extend(out.drift)
+            collected.dead_letters.extend(out.dead_letters)
+    source.close()
+    return engine, shard, collected
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    engine, shard, out = _offline(settings, args.data, publish=True)
+    report = orjson.loads(shard.report())
+    tel = engine.telemetry
+    summary = {
+        "records": report["records"],
+        "learned": tel.registry.get_sample_value("worker_records_total", {"outcome": "learned"}),
+        "dead_letters": len(out.dead_letters),
+        "cumulative": report["cumulative"],
+        "rolling": report["rolling"],
+        "drift_events": [orjson.loads(v) for _, v in out.drift],
+    }
+    if args.format == "json":
+        sys.stdout.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    w = settings.monitor.window
+    print(f"model: {' | '.join(next(iter(s)) for s in settings.model.pipeline)}  task: {settings.model.task}")
+    print(f"records: {summary['records']}  learned: {int(summary['learned'] or 0)}  dead letters: {summary['dead_letters']}")
+    print()
+    print(f"| {'metric':<10} | {'cumulative':>12} | {f'last {w}':>12} |")
+    print(f"|{'-' * 12}|{'-' * 14}|{'-' * 14}|")
+    for name, value in report["cumulative"].items():
+        if name == "n":
+            continue
+        rolling = report["rolling"].get(name)
+        r = f"{rolling:12.4f}" if isinstance(rolling, float) else f"{'':>12}"
+        print(f"| {name:<10} | {value:12.4f} | {r} |")
+    print()
+    events = summary["drift_events"]
+    print(f"drift events: {len(events)}")
+    for e in events:
+        print(f"  position {e['position']}: {e['signal']} drift ({e['detector']}, {e['direction']})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from worker.checkpoint import WARM_START, open_store
+    from worker.state import dumps_snapshot
+
+    settings = _settings(args)
+    if not settings.checkpoint.store:
+        raise ConfigError("checkpoint.store", "worker train writes a snapshot: set a checkpoint store")
+    engine, shard, _ = _offline(settings, args.data, publish=False)
+    state = shard.state
+    name = args.shard or WARM_START
+    state.shard, state.extra = name, {}
+    state.position = 0
+    key = settings.checkpoint.hmac_key.get_secret_value().encode() if settings.checkpoint.hmac_key else None
+    store = open_store(settings.checkpoint.store)
+    store.save(name, dumps_snapshot(state, engine.spec, key))
+    store.close()
+    print(f"trained on {state.records_seen} records; snapshot {name!r} written to {settings.checkpoint.store}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="worker", description="Streaming online-learning worker (river).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run the worker on the configured source")
+    p.add_argument("--config", "-c", required=True)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("check", help="validate a configuration and print the resolved settings")
+    p.add_argument("--config", "-c", required=True)
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("evaluate", help="progressive validation of the configured model over a file")
+    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--data", "-d", required=True, help="JSON Lines file ('-' for stdin)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("train", help="learn from historical records and write a warm-start snapshot")
+    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--data", "-d", required=True)
+    p.add_argument("--shard", help="write the snapshot for this shard instead of the warm-start one")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except WorkerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Bytes -> validated record fields, and records -> bytes (orjson both ways).
+
+Decoding never raises out of :meth:`Decoder.decode` for data problems other than
+:class:`BadRecord`, which carries a reason from a small fixed set (a Prometheus label)
+and a human-readable detail. The caller turns it into a dead letter; the model never
+sees the record. orjson refuses NaN and Infinity (and numbers that overflow to them),
+so every float that reaches a model is finite.
+
+>>> from worker.config import RecordSettings, LimitsSettings
+>>> d = Decoder(RecordSettings(), LimitsSettings(), task="classification")
+>>> d.decode(b'{"id": 7, "x": {"a": 1.5, "b": "red"}, "y": true}')
+(7, None, {'a': 1.5, 'b': 'red'}, True, None)
+>>> d.decode(b'{"id": 8, "x": {"a": NaN}, "y": true}')
+Traceback (most recent call last):
+...
+worker.codec.BadRecord: non_finite_number: NaN or Infinity is not valid JSON
+>>> d.decode(b'{"id": 9, "x": [1, 2]}')
+Traceback (most recent call last):
+...
+worker.codec.BadRecord: features_not_object: field 'x' must be a JSON object, got array
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from worker.config import FilterRule, LimitsSettings, RecordSettings
+
+loads = orjson.loads
+JSONDecodeError = orjson.JSONDecodeError
+_DUMPS_OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+
+#: Every reason a record can be dead-lettered for (bounded: used as a metric label).
+REASONS = (
+    "too_large",
+    "invalid_json",
+    "non_finite_number",
+    "too_deep",
+    "not_an_object",
+    "missing_features",
+    "features_not_object",
+    "nested_feature",
+    "too_many_features",
+    "invalid_target",
+    "invalid_id",
+    "invalid_key",
+    "model_error",
+)
+
+_NON_FINITE = re.compile(rb"\bNaN\b|\bInfinity\b|infinity")
+_SCALARS = (int, float, str, bool, type(None))
+
+
+class BadRecord(Exception):
+    """A record that cannot be used; ``reason`` is one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+def dumps(obj: Any) -> bytes:
+    """orjson with non-string dict keys (class labels) and numpy values allowed."""
+    return orjson.dumps(obj, option=_DUMPS_OPTS)
+
+
+def _getter(path: str) -> Callable[[dict], Any]:
+    """A fast accessor for a field name or dotted path (missing -> None)."""
+    parts = path.split(".")
+    if len(parts) == 1:
+        return lambda obj: obj.get(path)
+
+    def get(obj: dict) -> Any:
+        for part in parts:
+            if type(obj) is not dict:
+                return None
+            obj = obj.get(part)
+        return obj
+
+    return get
+
+
+def _filter(rule: FilterRule) -> Callable[[dict], bool]:
+    get, value, op = _getter(rule.field), rule.value, rule.op
+    ops: dict[str, Callable[[Any], bool]] = {
+        "eq": lambda v: v == value,
+        "ne": lambda v: v != value,
+        "lt": lambda v: v is not None and v < value,
+        "le": lambda v: v is not None and v <= value,
+        "gt": lambda v: v is not None and v > value,
+        "ge": lambda v: v is not None and v >= value,
+        "in": lambda v: v in value,
+        "not_in": lambda v: v not in value,
+        "missing": lambda v: v is None,
+        "present": lambda v: v is not None,
+    }
+    test = ops[op]
+
+    def matches(obj: dict) -> bool:
+        try:
+            return bool(test(get(obj)))
+        except TypeError:  # e.g. "a" < 3: the rule does not apply to this record
+            return False
+
+    return matches
+
+
+class Decoder:
+    """Decode one message into ``(id, key, features, target, timestamp)`` or raise BadRecord.
+
+    ``keep_missing``: keep ``None`` feature values (for imputers) instead of dropping the key.
+    """
+
+    def __init__(
+        self,
+        record: RecordSettings,
+        limits: LimitsSettings,
+        task: str,
+        keep_missing: bool = False,
+    ):
+        self.max_bytes = limits.max_record_bytes
+        self.max_features = limits.max_features
+        self.task = task
+        self.keep_missing = keep_missing
+        self._id = _getter(record.id) if record.id else (lambda obj: None)
+        self._key = _getter(record.key) if record.key else (lambda obj: None)
+        self._ts = _getter(record.timestamp) if record.timestamp else (lambda obj: None)
+        self._target = _getter(record.target) if record.target else (lambda obj: None)
+        if task in ("clustering", "anomaly"):
+            self._target = lambda obj: None
+        if isinstance(record.features, str):
+            self._feature_field = record.features
+            self._features = _getter(record.features)
+        else:
+            fields = tuple(record.features)
+            self._feature_field = ",".join(fields)
+            self._features = lambda obj: {f: obj[f] for f in fields if f in obj}
+        self._drop = [_filter(rule) for rule in record.drop_if]
+
+    def dropped(self, obj: dict) -> bool:
+        """Whether a ``drop_if`` rule matches this (already decoded) record."""
+        return any(rule(obj) for rule in self._drop) if self._drop else False
+
+    def decode_object(self, value: bytes) -> dict:
+        """Bytes -> the JSON object, or BadRecord."""
+        if len(value) > self.max_bytes:
+            raise BadRecord("too_large", f"{len(value)} bytes > limits.max_record_bytes={self.max_bytes}")
+        try:
+            obj = loads(value)
+        except JSONDecodeError as exc:
+            msg = str(exc)
+            if _NON_FINITE.search(value) and ("infinity" in msg or "unexpected character" in msg):
+                raise BadRecord("non_finite_number", "NaN or Infinity is not valid JSON") from None
+            if "recursion" in msg:
+                raise BadRecord("too_deep", msg) from None
+            raise BadRecord("invalid_json", msg) from None
+        if type(obj) is not dict:
+            raise BadRecord("not_an_object", f"a record must be a JSON object, got {type(obj).__name__}")
+        return obj
+
+    def fields(self, obj: dict) -> tuple[Any, Any, dict, Any, Any]:
+        """The JSON object -> ``(id, key, features, target, timestamp)``, or BadRecord."""
+        x = self._features(obj)
+        if type(x) is not dict:
+            if x is None:
+                raise BadRecord("missing_features", f"no field {self._feature_field!r}")
+            raise BadRecord(
+                "features_not_object",
+                f"field {self._feature_field!r} must be a JSON object, got {_json_type(x)}",
+            )
+        if len(x) > self.max_features:
+            raise BadRecord("too_many_features", f"{len(x)} > limits.max_features={self.max_features}")
+        missing = None
+        for name, v in x.items():
+            t = type(v)
+            if t is float or t is int or t is str or t is bool:
+                continue
+            if v is None:
+                missing = True
+                continue
+            raise BadRecord("nested_feature", f"feature {name!r} is a {_json_type(v)}; features must be scalars")
+        if missing and not self.keep_missing:
+            x = {k: v for k, v in x.items() if v is not None}
+        y = self._target(obj)
+        if y is not None:
+            t = type(y)
+            if self.task == "classification":
+                if not (t is str or t is int or t is bool):
+                    raise BadRecord("invalid_target", f"a class label must be a string, integer or boolean, got {_json_type(y)}")
+            elif t is bool or not (t is float or t is int):
+                raise BadRecord("invalid_target", f"a regression target must be a number, got {_json_type(y)}")
+        rid = self._id(obj)
+        if rid is not None and type(rid) not in (str, int):
+            raise BadRecord("invalid_id", f"the id must be a string or integer, got {_json_type(rid)}")
+        key = self._key(obj)
+        if key is not None and type(key) not in (str, int):
+            raise BadRecord("invalid_key", f"the key must be a string or integer, got {_json_type(key)}")
+        return rid, key, x, y, self._ts(obj)
+
+    def decode(self, value: bytes) -> tuple[Any, Any, dict, Any, Any]:
+        """Bytes -> ``(id, key, features, target, timestamp)``, or BadRecord."""
+        return self.fields(self.decode_object(value))
+
+
+def _json_type(v: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(v), "number" if isinstance(v, int | float) else type(v).__name__
+    )
+
+
+def encode_dead_letter(
+    value: bytes, reason: str, detail: str, shard: str, position: int, ts: float
+) -> bytes:
+    """A dead letter: the original bytes (text, or base64 when not UTF-8), reason, position."""
+    try:
+        payload: dict[str, Any] = {"payload": value.decode("utf-8")}
+    except UnicodeDecodeError:
+        payload = {"payload": None, "payload_base64": base64.b64encode(value).decode("ascii")}
+    return dumps(
+        {
+            "event": "dead_letter",
+            "reason": reason,
+            "detail": detail,
+            "shard": shard,
+            "position": position,
+            **payload,
+            "ts": ts,
+        }
+    )
+
+
+def original_payload(dead_letter: dict) -> bytes:
+    """The original bytes back from a decoded dead letter (for replaying dead letters).
+
+    >>> dl = orjson.loads(encode_dead_letter(b"\\xff{", "invalid_json", "...", "s", 3, 0.0))
+    >>> original_payload(dl)
+    b'\\xff{'
+    """
+    if dead_letter.get("payload") is not None:
+        return dead_letter["payload"].encode("utf-8")
+    return base64.b64decode(dead_letter["payload_base64"])

@@ -1,0 +1,287 @@
+"""The worker's configuration: one YAML file, overridable by environment variables.
+
+Built once at start-up into one frozen :class:`Settings` object that is passed down;
+nothing below this module reads the environment. A wrong key, type or value raises
+:class:`~worker.errors.ConfigError` naming the key (the CLI exits with code 2).
+
+>>> s = load_settings(data={"source": {"type": "file", "file": {"path": "in.jsonl"}}}, env={})
+>>> s.model.task, s.record.features, s.checkpoint.every_records
+('classification', 'x', 10000)
+>>> load_settings(data={"modle": {}}, env={})
+Traceback (most recent call last):
+...
+worker.errors.ConfigError: modle: unknown key
+>>> s = load_settings(data={}, env={"WORKER__TELEMETRY__PORT": "0"})
+>>> s.telemetry.port
+0
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from worker.errors import ConfigError
+
+ENV_PREFIX = "WORKER__"
+_SECRET_WORDS = ("password", "secret", "token", "key.pem", "private", "hmac_key", "sasl.oauthbearer")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileSourceSettings(_Section):
+    path: str = Field(description="JSON Lines file to read; '-' reads standard input.")
+    follow: bool = Field(False, description="Keep reading as the file grows (like tail -f).")
+    poll_seconds: float = Field(0.2, gt=0, description="With follow: how often to look for new lines.")
+
+
+class KafkaSourceSettings(_Section):
+    bootstrap_servers: str
+    topics: list[str] = Field(min_length=1)
+    group_id: str = "river-worker"
+    config: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="Any librdkafka setting, passed through verbatim."
+    )
+
+
+class SourceSettings(_Section):
+    type: Literal["file", "kafka"] = "file"
+    file: FileSourceSettings | None = None
+    kafka: KafkaSourceSettings | None = None
+
+    def model_post_init(self, __context: Any) -> None:
+        if getattr(self, self.type) is None:
+            raise ValueError(f"source.type is {self.type!r} but source.{self.type} is not set")
+
+
+class OutputsSettings(_Section):
+    """Where each output goes: a file path ('-' = stdout) or a topic/queue name; null disables."""
+
+    predictions: str | None = "-"
+    drift: str | None = None
+    metrics: str | None = None
+    dead_letter: str | None = None
+
+
+class FilterRule(_Section):
+    """Drop a record when ``field`` ``op`` ``value`` holds (e.g. ``{field: x.age, op: lt, value: 0}``)."""
+
+    field: str
+    op: Literal["eq", "ne", "lt", "le", "gt", "ge", "in", "not_in", "missing", "present"]
+    value: Any = None
+
+
+class RecordSettings(_Section):
+    """Field names (dotted paths) inside each JSON record."""
+
+    id: str | None = "id"
+    key: str | None = None
+    features: str | list[str] = "x"
+    target: str | None = "y"
+    timestamp: str | None = None
+    missing: Literal["auto", "keep", "drop"] = Field(
+        "auto",
+        description="Features whose value is null: drop the key (river's convention for a missing "
+        "feature) or keep the None (for preprocessing.StatImputer); auto keeps them only when the "
+        "pipeline has an imputer.",
+    )
+    drop_if: list[FilterRule] = Field(default_factory=list)
+
+    @field_validator("features")
+    @classmethod
+    def _features_not_empty(cls, v: str | list[str]) -> str | list[str]:
+        if not v:
+            raise ValueError("must name a field or a non-empty list of fields")
+        return v
+
+
+EstimatorSpec = dict[str, Any]
+
+
+class SelectionSettings(_Section):
+    """Model selection over a parameter grid (river.model_selection + utils.expand_param_grid)."""
+
+    strategy: str = Field(description="A river model_selection class, e.g. model_selection.BanditClassifier")
+    params: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, Any] = Field(description="Passed to utils.expand_param_grid over the pipeline.")
+
+
+class ModelSettings(_Section):
+    task: Literal["classification", "regression", "clustering", "anomaly"] = "classification"
+    pipeline: list[EstimatorSpec] = Field(
+        default_factory=lambda: [
+            {"preprocessing.StandardScaler": {}},
+            {"linear_model.LogisticRegression": {}},
+        ],
+        min_length=1,
+    )
+    selection: SelectionSettings | None = None
+    proba: bool = Field(True, description="Classification: publish class probabilities.")
+    anomaly_threshold: float | None = Field(
+        None, description="Anomaly: when set, prediction = score >= threshold."
+    )
+
+
+class DriftSettings(_Section):
+    detector: EstimatorSpec | None = Field(
+        default_factory=lambda: {"drift.ADWIN": {}},
+        description="A river.drift detector fed with the per-record error; null disables.",
+    )
+
+
+class MonitorSettings(_Section):
+    every_records: int = Field(1000, ge=1)
+    every_seconds: float = Field(10.0, gt=0)
+    window: int = Field(1000, ge=1, description="Size of the rolling window of metrics.")
+    drift: DriftSettings = Field(default_factory=DriftSettings)
+
+
+class CheckpointSettings(_Section):
+    store: str | None = Field(None, description="file:///dir; null disables checkpoints.")
+    every_records: int = Field(10000, ge=1)
+    every_seconds: float = Field(30.0, gt=0)
+    hmac_key: SecretStr | None = Field(None, description="Signs and verifies snapshots.")
+
+    @field_validator("store")
+    @classmethod
+    def _store_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("file://", "kafka://")):
+            raise ValueError("must be file:///path or kafka://topic")
+        return v
+
+
+class TelemetrySettings(_Section):
+    port: int | None = Field(9108, ge=0, le=65535, description="0 = any free port; null disables.")
+    host: str = "0.0.0.0"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+
+class LimitsSettings(_Section):
+    max_record_bytes: int = Field(1 << 20, ge=64)
+    max_features: int = Field(10000, ge=1)
+    batch_size: int = Field(500, ge=1, description="Records processed per batch.")
+
+
+class Settings(_Section):
+    source: SourceSettings = Field(default_factory=lambda: SourceSettings(file=FileSourceSettings(path="-")))
+    outputs: OutputsSettings = Field(default_factory=OutputsSettings)
+    record: RecordSettings = Field(default_factory=RecordSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
+    checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    delivery: Literal["exactly_once", "at_least_once"] = "exactly_once"
+
+
+def _set_path(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+        if part == "config":  # librdkafka-style keys: WORKER__..._CONFIG__SASL_PASSWORD -> sasl.password
+            path = path[: i + 1] + [".".join(path[i + 1 :]).replace("_", ".")]
+            break
+    node[path[-1]] = value
+
+
+def apply_env(data: dict, env: Mapping[str, str]) -> dict:
+    """Overlay ``WORKER__A__B=value`` variables onto the YAML data (values parsed as YAML)."""
+    data = copy.deepcopy(data)
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not path:
+            continue
+        raw = env[name]
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str | int | float | bool | list | dict) or value is None:
+            _set_path(data, path, value)
+    return data
+
+
+def _format_errors(exc: ValidationError) -> ConfigError:
+    lines = []
+    first_key = ""
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        first_key = first_key or key
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{key}: {msg}" if key else msg)
+    if len(lines) == 1:
+        key, _, msg = lines[0].partition(": ")
+        return ConfigError(key if msg else "", msg or key)
+    return ConfigError(first_key, "invalid configuration:\n  " + "\n  ".join(lines))
+
+
+def load_settings(
+    path: str | os.PathLike | None = None,
+    *,
+    data: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read YAML (or take ``data``), apply environment overrides, validate, freeze.
+
+    Also builds the model once so that a bad estimator spec fails here, naming its key.
+    """
+    if data is None:
+        if path is None:
+            raw: Any = {}
+        else:
+            try:
+                raw = yaml.safe_load(Path(path).read_text()) or {}
+            except FileNotFoundError as exc:
+                raise ConfigError("", f"config file not found: {path}") from exc
+            except yaml.YAMLError as exc:
+                raise ConfigError("", f"config file is not valid YAML: {exc}") from exc
+    else:
+        raw = dict(data)
+    if not isinstance(raw, dict):
+        raise ConfigError("", "the configuration must be a mapping at the top level")
+    raw = apply_env(raw, os.environ if env is None else env)
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise _format_errors(exc) from None
+    from worker.models import build_model  # late import: models imports config types
+
+    build_model(settings.model)
+    if settings.monitor.drift.detector is not None:
+        from worker.models.spec import build_estimator
+
+        build_estimator(settings.monitor.drift.detector, key="monitor.drift.detector")
+    return settings
+
+
+def _mask(obj: Any, key: str = "") -> Any:
+    if isinstance(obj, dict):
+        return {k: _mask(v, str(k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_mask(v, key) for v in obj]
+    if isinstance(obj, SecretStr):
+        return "**********"
+    if obj is not None and any(w in key.lower() for w in _SECRET_WORDS):
+        return "**********"
+    return obj
+
+
+def dump_settings(settings: Settings) -> str:
+    """The resolved settings as YAML, secrets masked (for ``worker check``)."""
+    data = settings.model_dump(mode="python")
+    data["checkpoint"]["hmac_key"] = settings.checkpoint.hmac_key
+    return yaml.safe_dump(_mask(data), sort_keys=False)

@@ -1,0 +1,177 @@
+"""Prequential model-quality metrics, cumulative and over a rolling window.
+
+Updated once per batch from plain lists (no per-record metric objects): a confusion
+count for classification, running sums for regression, and a bounded deque of recent
+outcomes for the rolling window. Metrics are derived only when a report is asked for.
+
+>>> q = ClassificationQuality(window=2)
+>>> q.update_many([1, 0, 1], [1, 1, 1], [{1: 0.9, 0: 0.1}, {1: 0.6, 0: 0.4}, {1: 0.8, 0: 0.2}])
+>>> r = q.report()
+>>> r["cumulative"]["accuracy"], r["rolling"]["accuracy"], r["cumulative"]["n"]
+(0.6666666666666666, 0.5, 3)
+>>> rq = RegressionQuality(window=10)
+>>> rq.update_many([1.0, 2.0, 3.0], [1.5, 2.0, 2.0])
+>>> rq.report()["cumulative"]["mae"]
+0.5
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from typing import Any
+
+_EPS = 1e-15
+_log = math.log
+
+
+def _classification_metrics(confusion: dict, n: int, logloss_sum: float, n_proba: int) -> dict[str, float]:
+    if n == 0:
+        return {"n": 0}
+    correct = sum(c for (y, p), c in confusion.items() if y == p)
+    per_class_tp: Counter = Counter()
+    per_class_true: Counter = Counter()
+    per_class_pred: Counter = Counter()
+    for (y, p), c in confusion.items():
+        per_class_true[y] += c
+        per_class_pred[p] += c
+        if y == p:
+            per_class_tp[y] += c
+    labels = {y for y in per_class_true} | {p for p in per_class_pred if p is not None}
+    f1s = []
+    for label in labels:
+        tp = per_class_tp[label]
+        denom = per_class_true[label] + per_class_pred[label]
+        f1s.append(2 * tp / denom if denom else 0.0)
+    out = {"n": n, "accuracy": correct / n, "f1": sum(f1s) / len(f1s) if f1s else 0.0}
+    if n_proba:
+        out["log_loss"] = logloss_sum / n_proba
+    return out
+
+
+class ClassificationQuality:
+    """Accuracy, macro-averaged F1 and log loss (cross-entropy, clipped at 1e-15)."""
+
+    def __init__(self, window: int):
+        self.n = 0
+        self.confusion: dict[tuple[Any, Any], int] = {}
+        self.logloss_sum = 0.0
+        self.n_proba = 0
+        self.recent: deque[tuple[Any, Any, float | None]] = deque(maxlen=window)
+
+    def update_many(self, ys: list, preds: list, probas: list | None = None) -> None:
+        confusion = self.confusion
+        append = self.recent.append
+        if probas is None:
+            probas = [None] * len(ys)
+        for y, p, proba in zip(ys, preds, probas):
+            k = (y, p)
+            confusion[k] = confusion.get(k, 0) + 1
+            if proba is not None:
+                ll = -_log(max(proba.get(y, 0.0), _EPS))
+                self.logloss_sum += ll
+                self.n_proba += 1
+            else:
+                ll = None
+            append((y, p, ll))
+        self.n += len(ys)
+
+    def errors(self, ys: list, preds: list) -> list[float]:
+        """The per-record error fed to concept-drift detectors: 0 (right) or 1 (wrong)."""
+        return [0.0 if y == p else 1.0 for y, p in zip(ys, preds)]
+
+    def report(self) -> dict[str, dict[str, float]]:
+        window: dict = {}
+        ll_sum, n_ll = 0.0, 0
+        for y, p, ll in self.recent:
+            window[(y, p)] = window.get((y, p), 0) + 1
+            if ll is not None:
+                ll_sum += ll
+                n_ll += 1
+        return {
+            "cumulative": _classification_metrics(self.confusion, self.n, self.logloss_sum, self.n_proba),
+            "rolling": _classification_metrics(window, len(self.recent), ll_sum, n_ll),
+        }
+
+
+def _regression_metrics(n: int, sum_abs: float, sum_sq: float, sum_y: float, sum_y2: float) -> dict[str, float]:
+    if n == 0:
+        return {"n": 0}
+    ss_tot = sum_y2 - sum_y * sum_y / n
+    return {
+        "n": n,
+        "mae": sum_abs / n,
+        "rmse": math.sqrt(sum_sq / n),
+        "r2": 1.0 - sum_sq / ss_tot if ss_tot > 0 else 0.0,
+    }
+
+
+class RegressionQuality:
+    """MAE, RMSE and R² (over the same records, prequentially)."""
+
+    def __init__(self, window: int):
+        self.n = 0
+        self.sums = [0.0, 0.0, 0.0, 0.0]  # |e|, e², y, y²
+        self.recent: deque[tuple[float, float]] = deque(maxlen=window)
+
+    def update_many(self, ys: list, preds: list, probas: list | None = None) -> None:
+        s_abs, s_sq, s_y, s_y2 = self.sums
+        append = self.recent.append
+        for y, p in zip(ys, preds):
+            e = y - (p if p is not None else 0.0)
+            if e != e or e in (math.inf, -math.inf):  # a diverged model: count as a huge error
+                e = 1e300
+            s_abs += abs(e)
+            s_sq += e * e
+            s_y += y
+            s_y2 += y * y
+            append((y, e))
+        self.sums = [s_abs, s_sq, s_y, s_y2]
+        self.n += len(ys)
+
+    def errors(self, ys: list, preds: list) -> list[float]:
+        """Absolute errors, fed to concept-drift detectors."""
+        return [abs(y - (p if p is not None else 0.0)) for y, p in zip(ys, preds)]
+
+    def report(self) -> dict[str, dict[str, float]]:
+        s = [0.0, 0.0, 0.0, 0.0]
+        for y, e in self.recent:
+            s[0] += abs(e)
+            s[1] += e * e
+            s[2] += y
+            s[3] += y * y
+        return {
+            "cumulative": _regression_metrics(self.n, *self.sums),
+            "rolling": _regression_metrics(len(self.recent), *s),
+        }
+
+
+class ScoreQuality:
+    """Clustering and anomaly detection have no target: report the output distribution."""
+
+    def __init__(self, window: int):
+        self.n = 0
+        self.recent: deque[float] = deque(maxlen=window)
+
+    def update_many(self, ys: list, preds: list, probas: list | None = None) -> None:
+        self.recent.extend(preds)
+        self.n += len(preds)
+
+    def errors(self, ys: list, preds: list) -> list[float]:
+        return []
+
+    def report(self) -> dict[str, dict[str, float]]:
+        values = sorted(v for v in self.recent if isinstance(v, int | float))
+        rolling: dict[str, float] = {"n": len(values)}
+        if values:
+            rolling["mean"] = sum(values) / len(values)
+            rolling["p95"] = values[min(len(values) - 1, int(0.95 * len(values)))]
+        return {"cumulative": {"n": self.n}, "rolling": rolling}
+
+
+def quality_for(task: str, window: int) -> ClassificationQuality | RegressionQuality | ScoreQuality:
+    if task == "classification":
+        return ClassificationQuality(window)
+    if task == "regression":
+        return RegressionQuality(window)
+    return ScoreQuality(window)
