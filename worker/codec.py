@@ -23,6 +23,8 @@ worker.codec.BadRecord: features_not_object: field 'x' must be a JSON object, go
 from __future__ import annotations
 
 import base64
+import functools
+import operator
 import re
 from collections.abc import Callable
 from typing import Any
@@ -53,7 +55,7 @@ REASONS = (
 )
 
 _NON_FINITE = re.compile(rb"\bNaN\b|\bInfinity\b|infinity")
-_SCALARS = (int, float, str, bool, type(None))
+_PLAIN = frozenset({int, float, str, bool})
 
 
 class BadRecord(Exception):
@@ -65,9 +67,8 @@ class BadRecord(Exception):
         super().__init__(f"{reason}: {detail}")
 
 
-def dumps(obj: Any) -> bytes:
-    """orjson with non-string dict keys (class labels) and numpy values allowed."""
-    return orjson.dumps(obj, option=_DUMPS_OPTS)
+#: orjson with non-string dict keys (class labels) and numpy values allowed.
+dumps: Callable[[Any], bytes] = functools.partial(orjson.dumps, option=_DUMPS_OPTS)
 
 
 def _getter(path: str) -> Callable[[dict], Any]:
@@ -84,6 +85,15 @@ def _getter(path: str) -> Callable[[dict], Any]:
         return obj
 
     return get
+
+
+def _access(path: str | None) -> tuple[str | None, Callable[[dict], Any] | None]:
+    """(plain field name, None) or (None, dotted-path getter) or (None, None) when unset."""
+    if not path:
+        return None, None
+    if "." not in path:
+        return path, None
+    return None, _getter(path)
 
 
 def _filter(rule: FilterRule) -> Callable[[dict], bool]:
@@ -127,25 +137,27 @@ class Decoder:
         self.max_bytes = limits.max_record_bytes
         self.max_features = limits.max_features
         self.task = task
+        self._classification = task == "classification"
         self.keep_missing = keep_missing
-        self._id = _getter(record.id) if record.id else (lambda obj: None)
-        self._key = _getter(record.key) if record.key else (lambda obj: None)
-        self._ts = _getter(record.timestamp) if record.timestamp else (lambda obj: None)
-        self._target = _getter(record.target) if record.target else (lambda obj: None)
-        if task in ("clustering", "anomaly"):
-            self._target = lambda obj: None
+        target = record.target if task in ("classification", "regression") else None
+        # A plain field name is read with obj.get on the hot path; a dotted path through a getter.
+        self._id, self._id_get = _access(record.id)
+        self._key, self._key_get = _access(record.key)
+        self._ts, self._ts_get = _access(record.timestamp)
+        self._target, self._target_get = _access(target)
         if isinstance(record.features, str):
             self._feature_field = record.features
-            self._features = _getter(record.features)
+            self._features, self._features_get = _access(record.features)
         else:
             fields = tuple(record.features)
             self._feature_field = ",".join(fields)
-            self._features = lambda obj: {f: obj[f] for f in fields if f in obj}
+            self._features = None
+            self._features_get = lambda obj: {f: obj[f] for f in fields if f in obj}
         self._drop = [_filter(rule) for rule in record.drop_if]
 
     def dropped(self, obj: dict) -> bool:
         """Whether a ``drop_if`` rule matches this (already decoded) record."""
-        return any(rule(obj) for rule in self._drop) if self._drop else False
+        return any(rule(obj) for rule in self._drop)
 
     def decode_object(self, value: bytes) -> dict:
         """Bytes -> the JSON object, or BadRecord."""
@@ -154,19 +166,33 @@ class Decoder:
         try:
             obj = loads(value)
         except JSONDecodeError as exc:
-            msg = str(exc)
-            if _NON_FINITE.search(value) and ("infinity" in msg or "unexpected character" in msg):
-                raise BadRecord("non_finite_number", "NaN or Infinity is not valid JSON") from None
-            if "recursion" in msg:
-                raise BadRecord("too_deep", msg) from None
-            raise BadRecord("invalid_json", msg) from None
+            raise _json_error(value, exc) from None
         if type(obj) is not dict:
-            raise BadRecord("not_an_object", f"a record must be a JSON object, got {type(obj).__name__}")
+            raise BadRecord("not_an_object", f"a record must be a JSON object, got {_json_type(obj)}")
         return obj
+
+    def decode(self, value: bytes) -> tuple[Any, Any, dict, Any, Any] | None:
+        """Bytes -> ``(id, key, features, target, timestamp)``; None if a drop_if rule matched.
+
+        The hot path: the common checks are inlined; anything unusual goes to :meth:`_slow`.
+        """
+        if len(value) > self.max_bytes:
+            raise BadRecord("too_large", f"{len(value)} bytes > limits.max_record_bytes={self.max_bytes}")
+        try:
+            obj = loads(value)
+        except JSONDecodeError as exc:
+            raise _json_error(value, exc) from None
+        if type(obj) is not dict:
+            raise BadRecord("not_an_object", f"a record must be a JSON object, got {_json_type(obj)}")
+        if self._drop and self.dropped(obj):
+            return None
+        return self.fields(obj)
 
     def fields(self, obj: dict) -> tuple[Any, Any, dict, Any, Any]:
         """The JSON object -> ``(id, key, features, target, timestamp)``, or BadRecord."""
-        x = self._features(obj)
+        get = obj.get
+        name = self._features
+        x = get(name) if name is not None else self._features_get(obj)
         if type(x) is not dict:
             if x is None:
                 raise BadRecord("missing_features", f"no field {self._feature_field!r}")
@@ -176,36 +202,49 @@ class Decoder:
             )
         if len(x) > self.max_features:
             raise BadRecord("too_many_features", f"{len(x)} > limits.max_features={self.max_features}")
-        missing = None
-        for name, v in x.items():
-            t = type(v)
-            if t is float or t is int or t is str or t is bool:
-                continue
-            if v is None:
-                missing = True
-                continue
-            raise BadRecord("nested_feature", f"feature {name!r} is a {_json_type(v)}; features must be scalars")
-        if missing and not self.keep_missing:
-            x = {k: v for k, v in x.items() if v is not None}
-        y = self._target(obj)
+        if not _PLAIN.issuperset(map(type, x.values())):
+            x = self._check_values(x)
+        name = self._target
+        y = get(name) if name is not None else self._target_get(obj) if self._target_get else None
         if y is not None:
             t = type(y)
-            if self.task == "classification":
+            if self._classification:
                 if not (t is str or t is int or t is bool):
                     raise BadRecord("invalid_target", f"a class label must be a string, integer or boolean, got {_json_type(y)}")
             elif t is bool or not (t is float or t is int):
                 raise BadRecord("invalid_target", f"a regression target must be a number, got {_json_type(y)}")
-        rid = self._id(obj)
-        if rid is not None and type(rid) not in (str, int):
+        name = self._id
+        rid = get(name) if name is not None else self._id_get(obj) if self._id_get else None
+        if rid is not None and not (type(rid) is str or type(rid) is int):
             raise BadRecord("invalid_id", f"the id must be a string or integer, got {_json_type(rid)}")
-        key = self._key(obj)
-        if key is not None and type(key) not in (str, int):
+        name = self._key
+        key = get(name) if name is not None else self._key_get(obj) if self._key_get else None
+        if key is not None and not (type(key) is str or type(key) is int):
             raise BadRecord("invalid_key", f"the key must be a string or integer, got {_json_type(key)}")
-        return rid, key, x, y, self._ts(obj)
+        name = self._ts
+        return rid, key, x, y, get(name) if name is not None else self._ts_get(obj) if self._ts_get else None
 
-    def decode(self, value: bytes) -> tuple[Any, Any, dict, Any, Any]:
-        """Bytes -> ``(id, key, features, target, timestamp)``, or BadRecord."""
-        return self.fields(self.decode_object(value))
+
+    def _check_values(self, x: dict) -> dict:
+        """The slow path of feature validation: missing values, or a nested value to refuse."""
+        missing = False
+        for name, v in x.items():
+            if v is None:
+                missing = True
+            elif type(v) not in _PLAIN:
+                raise BadRecord("nested_feature", f"feature {name!r} is a {_json_type(v)}; features must be scalars")
+        if missing and not self.keep_missing:
+            x = {k: v for k, v in x.items() if v is not None}
+        return x
+
+
+def _json_error(value: bytes, exc: Exception) -> BadRecord:
+    msg = str(exc)
+    if _NON_FINITE.search(value) and ("infinity" in msg or "unexpected character" in msg):
+        return BadRecord("non_finite_number", "NaN or Infinity is not valid JSON")
+    if "recursion" in msg:
+        return BadRecord("too_deep", msg)
+    return BadRecord("invalid_json", msg)
 
 
 def _json_type(v: Any) -> str:

@@ -152,6 +152,8 @@ class Shard:
         self._since_report = 0
         self._last_report = time.monotonic()
         self._key_field = s.record.key is not None
+        task = engine.task
+        self._extra_name = "proba" if task == "classification" and s.model.proba else "score" if task == "anomaly" else None
         tel = engine.telemetry
         self._c_learned = tel.records.labels(outcome="learned")
         self._c_predicted = tel.records.labels(outcome="predicted")
@@ -178,40 +180,35 @@ class Shard:
         started = time.perf_counter()
         now = time.time() if now is None else now
         shard, version = state.shard, state.model_version
-        decode, dropped = self.engine.decoder.decode_object, self.engine.decoder.dropped
-        fields = self.engine.decoder.fields
-        has_filters = bool(self.engine.decoder._drop)
+        decode = self.engine.decoder.decode
         step = self._step
         out = Outputs()
         predictions = out.predictions
         dead_letters = out.dead_letters
         key_field = self._key_field
-        # labelled records, for the monitor
-        ys: list = []
-        yp: list = []
-        probas: list = []
-        ids: list = []
-        lpos: list = []
+        labelled: list = []  # (y, prediction, proba, id, position) of labelled records, for the monitor
+        add_labelled = labelled.append
         outputs_all: list = []  # clustering/anomaly: every output feeds the monitor
         n_pred = n_learn = n_filtered = 0
         skip_below = state.position
         last_pos = None
         classification = self.engine.task == "classification"
         score_task = self.engine.task in ("clustering", "anomaly")
+        extra_name = self._extra_name
         for i, value in enumerate(values):
             pos = positions[i]
             if pos < skip_below:
                 continue
             last_pos = pos
             try:
-                obj = decode(value)
-                if has_filters and dropped(obj):
-                    n_filtered += 1
-                    continue
-                rid, key, x, y, ts = fields(obj)
+                decoded = decode(value)
             except BadRecord as bad:
                 self._dead(dead_letters, value, bad.reason, bad.detail, pos, now, publish_from)
                 continue
+            if decoded is None:
+                n_filtered += 1
+                continue
+            rid, key, x, y, ts = decoded
             try:
                 pred, extra = step(x, y)
             except Exception as exc:  # a model that cannot take this record must not stop the shard
@@ -220,25 +217,18 @@ class Shard:
             if pos >= publish_from:
                 if ts is None and timestamps is not None:
                     ts = timestamps[i]
-                rec = {"id": rid, "key": key, "prediction": pred}
-                if classification:
-                    rec["proba"] = extra
-                elif score_task and extra is not None:
-                    rec["score"] = extra
-                rec["model_version"] = version
-                rec["shard"] = shard
-                rec["position"] = pos
-                rec["ts"] = now if ts is None else ts
+                if extra_name is None:
+                    rec = {"id": rid, "key": key, "prediction": pred, "model_version": version,
+                           "shard": shard, "position": pos, "ts": now if ts is None else ts}
+                else:
+                    rec = {"id": rid, "key": key, "prediction": pred, extra_name: extra, "model_version": version,
+                           "shard": shard, "position": pos, "ts": now if ts is None else ts}
                 predictions.append((str(key).encode() if key_field and key is not None else None, dumps(rec)))
             if score_task:
                 outputs_all.append(pred if extra is None else extra)
                 n_learn += 1
             elif y is not None:
-                ys.append(y)
-                yp.append(pred)
-                probas.append(extra)
-                ids.append(rid)
-                lpos.append(pos)
+                add_labelled((y, pred, extra, rid, pos))
                 n_learn += 1
             else:
                 n_pred += 1
@@ -250,7 +240,8 @@ class Shard:
         quality = state.quality
         if score_task:
             quality.update_many([], outputs_all)
-        elif ys:
+        elif labelled:
+            ys, yp, probas, ids, lpos = (list(c) for c in zip(*labelled))
             quality.update_many(ys, yp, probas if classification else None)
             if state.detectors:
                 errors = quality.errors(ys, yp)

@@ -42,6 +42,7 @@ class ConceptDrift:
         self.degradation_only = degradation_only
         self.detector = build_estimator(spec, key=key)
         self.name = type(self.detector).__name__
+        self._sum, self._n = 0.0, 0  # error since the last alarm
         self._threshold = next(
             (getattr(self.detector, a) for a in ("delta", "threshold", "alpha", "drift_threshold")
              if isinstance(getattr(self.detector, a, None), int | float)),
@@ -53,12 +54,17 @@ class ConceptDrift:
         update = det.update
         has_estimation = hasattr(det, "estimation")
         events = []
+        total, count = self._sum, self._n
         for i, v in enumerate(values):
-            before = det.estimation if has_estimation else None
             update(v)
+            total += v
+            count += 1
             if det.drift_detected:
+                # mean error since the last alarm vs the detector's estimate after the cut
+                before = total / count
+                total, count = 0.0, 0
                 after = det.estimation if has_estimation else None
-                direction = "unknown" if before is None else ("degradation" if after > before else "improvement")
+                direction = "unknown" if after is None else ("degradation" if after > before else "improvement")
                 if self.degradation_only and direction == "improvement":
                     continue
                 events.append(
@@ -73,4 +79,5 @@ class ConceptDrift:
                         "previous": before,
                     }
                 )
+        self._sum, self._n = total, count
         return events

@@ -54,26 +54,21 @@ class ClassificationQuality:
 
     def __init__(self, window: int):
         self.n = 0
-        self.confusion: dict[tuple[Any, Any], int] = {}
+        self.confusion: Counter[tuple[Any, Any]] = Counter()
         self.logloss_sum = 0.0
         self.n_proba = 0
         self.recent: deque[tuple[Any, Any, float | None]] = deque(maxlen=window)
 
     def update_many(self, ys: list, preds: list, probas: list | None = None) -> None:
-        confusion = self.confusion
-        append = self.recent.append
+        pairs = list(zip(ys, preds))
+        self.confusion.update(pairs)
         if probas is None:
-            probas = [None] * len(ys)
-        for y, p, proba in zip(ys, preds, probas):
-            k = (y, p)
-            confusion[k] = confusion.get(k, 0) + 1
-            if proba is not None:
-                ll = -_log(max(proba.get(y, 0.0), _EPS))
-                self.logloss_sum += ll
-                self.n_proba += 1
-            else:
-                ll = None
-            append((y, p, ll))
+            self.recent.extend(zip(ys, preds, [None] * len(ys)))
+        else:
+            losses = [-_log(max(p.get(y, 0.0), _EPS)) if p is not None else None for y, p in zip(ys, probas)]
+            self.logloss_sum += sum(v for v in losses if v is not None)
+            self.n_proba += len(losses) - losses.count(None)
+            self.recent.extend(zip(ys, preds, losses))
         self.n += len(ys)
 
     def errors(self, ys: list, preds: list) -> list[float]:

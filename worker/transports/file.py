@@ -89,6 +89,8 @@ class FileSource:
             else:
                 self._eof = True
             return []
+        if len(lines) < max_records and not self.follow:
+            self._eof = True
         if self._partial:
             lines[0] = self._partial + lines[0]
             self._partial = b""

@@ -1,0 +1,54 @@
+"""Shared pieces of the benchmarks: the data, the plain river loop, timing and reporting."""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+from river import datasets
+
+from worker.config import ModelSettings
+from worker.models import build_model
+
+#: The reference model of the speed goals: StandardScaler | LogisticRegression on Agrawal.
+REFERENCE_PIPELINE = [{"preprocessing.StandardScaler": {}}, {"linear_model.LogisticRegression": {}}]
+
+
+def agrawal(n: int, seed: int = 42) -> list[tuple[dict, int]]:
+    """``n`` pre-decoded records (features, label) of river's Agrawal generator."""
+    return [(x, int(y)) for x, y in itertools.islice(datasets.synth.Agrawal(seed=seed), n)]
+
+
+def write_jsonl(records: list[tuple[dict, int]], path: Path) -> Path:
+    """The same records as the worker reads them: ``{"id", "x", "y"}`` per line."""
+    with open(path, "wb") as f:
+        for i, (x, y) in enumerate(records):
+            f.write(orjson.dumps({"id": i, "x": x, "y": y}) + b"\n")
+    return path
+
+
+def plain_loop(records: list[tuple[dict, int]], pipeline: list[dict] = REFERENCE_PIPELINE, task: str = "classification") -> float:
+    """The ceiling: ``predict_one`` then ``learn_one`` over pre-decoded records. Returns seconds."""
+    model = build_model(ModelSettings(task=task, pipeline=pipeline))
+    predict, learn = model.predict_one, model.learn_one
+    started = time.perf_counter()
+    for x, y in records:
+        predict(x)
+        learn(x, y)
+    return time.perf_counter() - started
+
+
+def repeat(fn: Callable[[], float], times: int) -> list[float]:
+    return [fn() for _ in range(times)]
+
+
+def summary(ratios: list[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+    }
