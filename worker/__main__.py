@@ -135,6 +135,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo import run_file_demo
+
+    return run_file_demo(records=args.records, change_at=args.change_at, port=args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worker", description="Streaming online-learning worker (river).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", "-d", required=True)
     p.add_argument("--shard", help="write the snapshot for this shard instead of the warm-start one")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("demo", help="run the worker on a generated drifting stream (embedded default)")
+    p.add_argument("--records", type=int, default=20000)
+    p.add_argument("--change-at", type=int, default=10000)
+    p.add_argument("--port", type=int, default=0, help="Prometheus port (0 = any free port)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -282,6 +282,10 @@ class Shard:
             (None, dumps({"event": "drift", **event, "shard": state.shard, "model_version": state.model_version, "ts": now}))
         )
 
+    def pending_report(self, now: float | None = None) -> bytes | None:
+        """A last metrics event if records were processed since the previous one (at shutdown)."""
+        return self.report(now) if self._since_report else None
+
     def report(self, now: float | None = None) -> bytes:
         """A metrics event (also sets the Prometheus gauges); resets the report timer."""
         state = self.state

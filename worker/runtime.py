@@ -10,6 +10,13 @@ Checkpoint order (the one place it is written down, and tested):
 A snapshot therefore never reflects a record whose outputs are not durable. On start or
 assignment a shard restores its snapshot (position S), the source seeks to S, and records
 between S and the source's committed position C are learned again without publishing.
+
+A sink with a ``commit_every`` attribute (Kafka) is also committed that often between
+snapshots. Positions are committed only once a shard has caught up with its committed
+position (never backwards). When the sink raises :class:`~worker.transports.base.Rewind`
+(an aborted transaction) or :class:`~worker.errors.FencedError`, every owned shard is
+restored from its snapshot and read again (:meth:`Runtime.rewind`): nothing uncommitted
+was published, so nothing is published twice.
 """
 
 from __future__ import annotations
@@ -21,10 +28,11 @@ import time
 from typing import Any
 
 from worker.checkpoint import WARM_START, CheckpointStore
-from worker.errors import SnapshotError
+from worker.errors import FencedError, SnapshotError
 from worker.learning import Engine, Shard
+from worker.records import Outputs
 from worker.state import dumps_snapshot, loads_snapshot
-from worker.transports.base import Sink, Source
+from worker.transports.base import Rewind, Sink, Source
 
 log = logging.getLogger("worker.runtime")
 
@@ -53,6 +61,10 @@ class Runtime:
         self._cp_every_seconds = cp.every_seconds
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
+        self._commit_every: float | None = getattr(sink, "commit_every", None)
+        self._last_commit = time.monotonic()
+        self._rewind_pending = False
+        self._fenced_in_row = 0
         self.records = 0
 
     # -- assignment listener -------------------------------------------------------------
@@ -76,13 +88,35 @@ class Runtime:
     def on_revoke(self, shards: list[str]) -> None:
         owned = [s for s in shards if s in self.shards]
         if owned:
-            self.sink.commit({s: self.shards[s].state.position for s in owned})
+            try:  # one commit covers every shard's outputs, so commit every shard's position
+                self.sink.commit(self.positions())
+            except (Rewind, FencedError):
+                self._forget(owned)
+                self._rewind_pending = True
+                raise
             for name in owned:
                 self._snapshot(name)
         self._forget(owned)
 
     def on_lost(self, shards: list[str]) -> None:
-        self._forget([s for s in shards if s in self.shards])
+        lost = [s for s in shards if s in self.shards]
+        self._forget(lost)
+        abort = getattr(self.sink, "abort", None)
+        if lost and abort is not None and abort():
+            self._rewind_pending = True  # the other shards' uncommitted outputs went with it
+
+    def positions(self) -> dict[str, int]:
+        """Positions to commit: shards still replaying below their committed position are left out."""
+        return {n: s.state.position for n, s in self.shards.items() if s.state.position >= self.publish_from[n]}
+
+    def rewind(self) -> None:
+        """Restore every owned shard from its snapshot and read again from there (after an abort)."""
+        self._rewind_pending = False
+        names = list(self.shards)
+        log.warning("uncommitted outputs were dropped: rewinding to the last snapshots", extra={"shards": names})
+        self._forget(names)
+        if names:
+            self.on_assign(names)
 
     def _forget(self, shards: list[str]) -> None:
         for name in shards:
@@ -124,13 +158,51 @@ class Runtime:
 
     def checkpoint(self) -> None:
         """Commit outputs and positions, then snapshot every shard (in that order)."""
-        self.sink.commit({name: s.state.position for name, s in self.shards.items()})
+        self.sink.commit(self.positions())
+        self._last_commit = time.monotonic()
+        self._fenced_in_row = 0
         for name in list(self.shards):
             self._snapshot(name)
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
 
+    def _recover(self, exc: Exception) -> None:
+        if isinstance(exc, FencedError):
+            self._fenced_in_row += 1
+            if self._fenced_in_row > 3:
+                raise exc
+        log.warning("transaction aborted: %s", exc)
+        self.rewind()
+
     # -- the loop ------------------------------------------------------------------------
+    def _step(self, batch_size: int) -> list:
+        """One poll: process and publish its batches, then commit / checkpoint when due."""
+        batches = self.source.poll(batch_size, 0.1)
+        if self._rewind_pending:  # shards were lost with uncommitted outputs of the others
+            self.rewind()
+            return batches
+        for batch in batches:
+            shard = self.shards.get(batch.shard)
+            if shard is None:  # revoked between poll and now
+                continue
+            out = shard.process(
+                batch.values, batch.positions, publish_from=self.publish_from[batch.shard],
+                timestamps=batch.timestamps,
+            )
+            self.sink.publish(out)
+            self.records += len(batch.values)
+            self._since_checkpoint += len(batch.values)
+        now = time.monotonic()
+        if self.store is not None and (
+            self._since_checkpoint >= self._cp_every_records or now - self._last_checkpoint >= self._cp_every_seconds
+        ):
+            self.checkpoint()
+        elif self._commit_every is not None and now - self._last_commit >= self._commit_every:
+            self.sink.commit(self.positions())
+            self._last_commit = now
+            self._fenced_in_row = 0
+        return batches
+
     def stop(self, *_: Any) -> None:
         self._stop.set()
 
@@ -148,30 +220,20 @@ class Runtime:
         try:
             while not self._stop.is_set():
                 tel.beat()
-                batches = self.source.poll(batch_size, 0.1)
-                for batch in batches:
-                    shard = self.shards.get(batch.shard)
-                    if shard is None:  # revoked between poll and now
-                        continue
-                    out = shard.process(
-                        batch.values, batch.positions, publish_from=self.publish_from[batch.shard],
-                        timestamps=batch.timestamps,
-                    )
-                    self.sink.publish(out)
-                    self.records += len(batch.values)
-                    self._since_checkpoint += len(batch.values)
-                if self.store is not None and (
-                    self._since_checkpoint >= self._cp_every_records
-                    or time.monotonic() - self._last_checkpoint >= self._cp_every_seconds
-                ):
-                    self.checkpoint()
+                try:
+                    batches = self._step(batch_size)
+                except (Rewind, FencedError) as exc:
+                    self._recover(exc)
+                    continue
                 if not batches and self.source.exhausted:
                     break
+            final = Outputs()
             for shard in self.shards.values():
-                self.sink.publish(_final_report(shard))
-            self.checkpoint() if self.store is not None else self.sink.commit(
-                {n: s.state.position for n, s in self.shards.items()}
-            )
+                report = shard.pending_report()
+                if report is not None:
+                    final.metrics.append((None, report))
+            self.sink.publish(final)
+            self.checkpoint() if self.store is not None else self.sink.commit(self.positions())
         finally:
             tel.set_ready(False)
             self.source.close()
@@ -183,15 +245,6 @@ class Runtime:
             extra={"records": self.records, "seconds": round(time.monotonic() - started, 3), "shards": len(self.shards)},
         )
         return 0
-
-
-def _final_report(shard: Shard):
-    from worker.records import Outputs
-
-    out = Outputs()
-    if shard.state.records_seen:
-        out.metrics.append((None, shard.report()))
-    return out
 
 
 __all__ = ["Runtime", "SnapshotError"]
