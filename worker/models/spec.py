@@ -118,7 +118,7 @@ def build_estimator(spec: Any, *, key: str = "model", allow_sklearn: bool = Fals
         args = [build_value(params, key, inner_sklearn)]
     try:
         return cls(*args, **kwargs)
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+    except Exception as exc:  # river constructors also raise NotImplementedError, AssertionError, ...
         raise ModelSpecError(key, f"cannot build {name}: {exc}") from None
 
 
@@ -142,6 +142,9 @@ def build_grid(grid: Any, key: str) -> Any:
 def compose(steps: list[Any]) -> base.Estimator:
     """Chain steps with ``|`` (a single step stays as it is)."""
     model = steps[0]
-    for step in steps[1:]:
-        model = model | step
+    for i, step in enumerate(steps[1:], 1):
+        try:
+            model = model | step
+        except TypeError:
+            raise ModelSpecError(f"model.pipeline[{i}]", f"{type(step).__name__} cannot be a pipeline step") from None
     return model
