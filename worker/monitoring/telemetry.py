@@ -71,6 +71,24 @@ class Telemetry:
         )
         self.shards = Gauge("worker_shards", "Shards owned by this worker.", registry=r)
         self.ready = Gauge("worker_ready", "1 when assigned, restored and consuming.", registry=r)
+        # Kafka transport
+        self.kafka_commits = Counter(
+            "worker_kafka_commits",
+            "Kafka commits (a transaction with the consumed offsets, or an offset commit), by outcome "
+            "(committed, retried, aborted, fenced).",
+            ["outcome"], registry=r,
+        )
+        self.kafka_commit_seconds = Histogram(
+            "worker_kafka_commit_seconds", "Time to commit outputs and offsets (flush included).",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0), registry=r,
+        )
+        self.kafka_lag = Gauge(
+            "worker_kafka_lag_records", "Records between the shard's position and its partition's high watermark.",
+            ["shard"], registry=r,
+        )
+        self.kafka_errors = Counter(
+            "worker_kafka_errors", "Kafka client errors reported by librdkafka, by code name.", ["error"], registry=r
+        )
         self.info = Info("worker_build", "Worker and library versions.", registry=r)
         import river
 
@@ -90,7 +108,7 @@ class Telemetry:
 
     def forget_shard(self, shard: str) -> None:
         """Drop a shard's labelled series when it is revoked (keeps label sets bounded)."""
-        for metric in (self.model_version, self.position, self.last_checkpoint):
+        for metric in (self.model_version, self.position, self.last_checkpoint, self.kafka_lag):
             try:
                 metric.remove(shard)
             except KeyError:

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from worker.errors import SinkError
 from worker.records import Batch, Outputs
+
+
+class Rewind(SinkError):
+    """The sink dropped every output published since its last commit (an aborted transaction).
+
+    The runtime answers by restoring each shard from its last snapshot and reading again
+    from there; records below the committed position are learned without publishing.
+    """
 
 
 class AssignmentListener(Protocol):
@@ -57,3 +66,7 @@ class Sink(Protocol):
         """Undo outputs published after the snapshot that ``state`` came from, where possible."""
 
     def close(self) -> None: ...
+
+# Optional sink members the runtime uses when present:
+#   commit_every: float      -> commit outputs and positions this often (seconds), besides snapshots
+#   abort() -> bool          -> drop uncommitted outputs (shards were lost); True if any were dropped
