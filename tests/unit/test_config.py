@@ -10,8 +10,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from worker.__main__ import main
-from worker.config import Settings, apply_env, dump_settings, load_settings
+from worker.config import DriftSettings, Settings, apply_env, dump_settings, load_settings
 from worker.errors import ConfigError, ModelSpecError
+
+def concept_drift(spec) -> dict:
+    """``monitor.drift`` with this concept detector (the settings moved under ``concept`` in the drift issue)."""
+    return {"concept": {"detector": spec}} if "concept" in DriftSettings.model_fields else {"detector": spec}
+
 
 KAFKA = {"type": "kafka", "kafka": {"bootstrap_servers": "localhost:9092", "topics": ["events"]}}
 
@@ -207,8 +212,8 @@ def test_bad_model_spec_names_its_key_path(model, key):
 
 def test_bad_drift_detector_spec_names_its_key():
     with pytest.raises(ConfigError) as e:
-        load_settings(data={"monitor": {"drift": {"detector": {"drift.Nope": {}}}}}, env={})
-    assert e.value.key == "monitor.drift.detector.drift.Nope"
+        load_settings(data={"monitor": {"drift": concept_drift({"drift.Nope": {}})}}, env={})
+    assert e.value.key.startswith("monitor.drift.") and e.value.key.endswith("detector.drift.Nope")
 
 
 def test_several_errors_are_all_reported():
@@ -294,7 +299,7 @@ def valid_settings(draw) -> dict:
                   "anomaly_threshold": draw(opt(st.floats(allow_nan=False)))},
         "monitor": {"every_records": draw(st.integers(1, 10**9)), "every_seconds": draw(pos_float),
                     "window": draw(st.integers(1, 10**6)),
-                    "drift": {"detector": draw(st.sampled_from([None, {"drift.ADWIN": {"delta": 0.01}}, {"drift.PageHinkley": {}}]))}},
+                    "drift": concept_drift(draw(st.sampled_from([None, {"drift.ADWIN": {"delta": 0.01}}, {"drift.PageHinkley": {}}])))},
         "checkpoint": {"store": draw(opt(names.map(lambda n: f"file:///tmp/{n}"))), "every_records": draw(st.integers(1, 10**9)),
                        "every_seconds": draw(pos_float)},
         "telemetry": {"port": draw(opt(st.integers(0, 65535))), "host": draw(st.sampled_from(["0.0.0.0", "127.0.0.1", "::"])),
