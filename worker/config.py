@@ -50,6 +50,21 @@ class KafkaSourceSettings(_Section):
     config: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="Any librdkafka setting, passed through verbatim."
     )
+    consumer: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="librdkafka settings for the consumer only (over config)."
+    )
+    producer: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="librdkafka settings for the producer only (over config)."
+    )
+    commit_every_ms: int = Field(
+        200, ge=1, description="How often outputs and offsets are committed (one transaction each, exactly_once)."
+    )
+    transactional_id: str | None = Field(
+        None,
+        description="exactly_once: the producer's transactional.id; stable per replica, unique in the group "
+        "(default: '<group_id>-<hostname>'). A restart with the same id aborts the previous incarnation's "
+        "open transaction at once.",
+    )
 
 
 class SourceSettings(_Section):

@@ -1,0 +1,666 @@
+"""The Kafka transport: a consumer-group source and a (transactional) producer sink.
+
+The only module that imports ``confluent_kafka``; client errors are translated into
+:mod:`worker.errors` here. A shard is one input partition, named ``f"{topic}-{partition}"``;
+its position is the offset of the next record to consume.
+
+Exactly-once (``delivery: exactly_once``): the sink begins a transaction on the first
+output, produces every output (keyed by the record key) into it, and at each commit sends
+the consumed offsets with the consumer's group metadata (``send_offsets_to_transaction``)
+and commits. A failure inside the transaction aborts it and raises
+:class:`~worker.transports.base.Rewind` (the runtime restores the shards from their
+snapshots); a fenced producer (another process took the partitions or the transactional
+id) is re-created and :class:`~worker.errors.FencedError` raised, with the same effect.
+Offsets in the group only ever move inside a committed transaction, and a zombie's
+transaction fails: its generation is stale (KIP-447), or its epoch was bumped.
+
+At-least-once (``delivery: at_least_once``): an idempotent producer; at each commit the
+producer is flushed, and only when every output was acknowledged are the offsets committed.
+
+``open_kafka`` builds both from the settings. The helpers at the bottom (admin, a plain
+producer, a compacted log) serve the feeder, the embedded demo and the Kafka checkpoint
+store, so that they too stay free of client imports.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_INVALID,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from worker.errors import FencedError, SinkError, SourceError, TransportError
+from worker.records import Batch, Outputs
+from worker.transports.base import AssignmentListener, Rewind
+
+if TYPE_CHECKING:
+    from worker.config import Settings
+    from worker.monitoring.telemetry import Telemetry
+
+log = logging.getLogger("worker.kafka")
+rdlog = logging.getLogger("worker.kafka.rdkafka")
+
+#: Producer errors that mean another instance owns our transactional id or partitions.
+FENCED = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
+#: Consumer errors that only say the broker is (temporarily) unreachable.
+UNREACHABLE = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE})
+TIMEOUT = 30.0  # bound on one blocking client call, seconds
+
+
+def shard_name(topic: str, partition: int) -> str:
+    return f"{topic}-{partition}"
+
+
+def parse_shard(name: str) -> tuple[str, int]:
+    topic, _, partition = name.rpartition("-")
+    return topic, int(partition)
+
+
+def _err(exc: KafkaException) -> KafkaError | None:
+    return exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+
+
+class KafkaSource:
+    """A consumer in a group (cooperative-sticky): partitions are shards, offsets positions."""
+
+    def __init__(self, conf: dict[str, Any], topics: list[str], telemetry: Telemetry):
+        self.conf = conf
+        self.topics = topics
+        self.telemetry = telemetry
+        self.consumer: Consumer | None = None
+        self._listener: AssignmentListener | None = None
+        self._in_callback = False
+        self._pending_seek: dict[str, int] = {}
+        self._committed: dict[str, int | None] = {}
+        self._callback_error: BaseException | None = None
+        self._assigned: set[str] = set()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self, listener: AssignmentListener) -> None:
+        self._listener = listener
+        conf = {**self.conf, "error_cb": self._on_error, "logger": rdlog}
+        try:
+            self.consumer = Consumer(conf)
+            self.consumer.subscribe(
+                self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+            )
+        except KafkaException as exc:
+            raise SourceError(f"cannot start the Kafka consumer: {exc}") from exc
+
+    def close(self) -> None:
+        """Leave the group (the final revoke commits and snapshots through the listener)."""
+        if self.consumer is None:
+            return
+        try:
+            self.consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("closing the consumer failed: %s", exc)
+        self.consumer = None
+
+    @property
+    def exhausted(self) -> bool:
+        return False
+
+    # -- assignment ----------------------------------------------------------------------
+    def _run_listener(self, method: str, partitions: list[TopicPartition]) -> list[str]:
+        names = [shard_name(tp.topic, tp.partition) for tp in partitions]
+        if not names or self._listener is None or self._callback_error is not None:
+            return names
+        self._in_callback = True
+        try:
+            getattr(self._listener, method)(names)
+        except BaseException as exc:  # re-raised by poll(), outside librdkafka's callback
+            self._callback_error = exc
+        finally:
+            self._in_callback = False
+        return names
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._pending_seek = {}
+        if partitions:
+            try:
+                self._committed = {
+                    shard_name(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None)
+                    for tp in _retry(lambda: consumer.committed(partitions, timeout=TIMEOUT), "committed offsets")
+                }
+            except TransportError as exc:
+                self._callback_error = exc
+                return
+        names = self._run_listener("on_assign", partitions)
+        self._committed = {}
+        self._assigned.update(names)
+        tps = []
+        for tp, name in zip(partitions, names, strict=True):
+            offset = self._pending_seek.get(name)
+            tps.append(TopicPartition(tp.topic, tp.partition, offset if offset is not None else OFFSET_BEGINNING))
+        consumer.incremental_assign(tps)
+        log.info("partitions assigned", extra={"shards": names})
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        names = self._run_listener("on_revoke", partitions)
+        self._assigned.difference_update(names)
+        consumer.incremental_unassign(partitions)
+        log.info("partitions revoked", extra={"shards": names})
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        names = self._run_listener("on_lost", partitions)
+        self._assigned.difference_update(names)
+        consumer.incremental_unassign(partitions)
+        log.warning("partitions lost", extra={"shards": names})
+
+    def _on_error(self, err: KafkaError) -> None:
+        self.telemetry.kafka_errors.labels(error=err.name()).inc()
+        if err.code() in UNREACHABLE:
+            self.telemetry.set_ready(False)
+        log.warning("kafka consumer: %s", err)
+
+    def committed(self, shard: str) -> int | None:
+        if self._in_callback and shard in self._committed:
+            return self._committed[shard]
+        assert self.consumer is not None
+        topic, partition = parse_shard(shard)
+        tps = _retry(lambda: self.consumer.committed([TopicPartition(topic, partition)], timeout=TIMEOUT), "committed offsets")
+        return tps[0].offset if tps[0].offset >= 0 else None
+
+    def seek(self, shard: str, position: int) -> None:
+        if self._in_callback:
+            self._pending_seek[shard] = position
+            return
+        assert self.consumer is not None
+        if shard not in self._assigned:
+            return
+        topic, partition = parse_shard(shard)
+        tp = TopicPartition(topic, partition, position)
+        try:
+            self.consumer.seek(tp)
+        except KafkaException:  # not fetching yet: re-assign at the offset instead
+            self.consumer.incremental_unassign([TopicPartition(topic, partition)])
+            self.consumer.incremental_assign([tp])
+
+    def group_metadata(self) -> Any:
+        assert self.consumer is not None
+        return self.consumer.consumer_group_metadata()
+
+    def commit_offsets(self, offsets: list[TopicPartition]) -> None:
+        assert self.consumer is not None
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            raise SourceError(f"offset commit failed: {exc}") from exc
+
+    def lag(self, shard: str, position: int) -> int | None:
+        """High watermark minus ``position`` from the client's cached watermarks (no request)."""
+        if self.consumer is None:
+            return None
+        topic, partition = parse_shard(shard)
+        try:
+            _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+        except KafkaException:
+            return None
+        return max(0, high - position) if high >= 0 else None
+
+    # -- records -------------------------------------------------------------------------
+    def poll(self, max_records: int, timeout: float) -> list[Batch]:
+        assert self.consumer is not None, "start() first"
+        try:
+            msgs = self.consumer.consume(max_records, timeout)
+        except KafkaException as exc:
+            raise SourceError(f"consume failed: {exc}") from exc
+        if self._callback_error is not None:
+            exc, self._callback_error = self._callback_error, None
+            raise exc
+        if not msgs:
+            return []
+        batches: dict[Any, Batch] = {}
+        current: Any = None
+        values: list = []
+        positions: list = []
+        multi = len(self.topics) > 1
+        for m in msgs:
+            if m.error() is not None:
+                self._message_error(m.error())
+                continue
+            tp = (m.topic(), m.partition()) if multi else m.partition()
+            if tp != current:
+                b = batches.get(tp)
+                if b is None:
+                    b = batches[tp] = Batch(shard_name(m.topic(), m.partition()), [], [])
+                values, positions, current = b.values, b.positions, tp
+            values.append(m.value() or b"")
+            positions.append(m.offset())
+        if not self.telemetry.is_ready and self._assigned:
+            self.telemetry.set_ready(True)
+        return list(batches.values())
+
+    def _message_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._PARTITION_EOF:
+            return
+        if err.fatal():
+            raise SourceError(f"fatal consumer error: {err}")
+        self._on_error(err)
+
+
+class KafkaSink:
+    """Outputs to topics; commits in one transaction with the offsets (or after delivery)."""
+
+    def __init__(
+        self,
+        conf: dict[str, Any],
+        topics: dict[str, str | None],
+        source: KafkaSource,
+        telemetry: Telemetry,
+        exactly_once: bool = True,
+        commit_every: float = 0.2,
+    ):
+        self.conf = conf
+        self.topics = {k: t for k, t in topics.items() if t}
+        self.source = source
+        self.telemetry = telemetry
+        self.exactly_once = exactly_once
+        self.commit_every = commit_every
+        self._routes = [(kind, topic) for kind, topic in self.topics.items()]
+        self._in_txn = False
+        self._committed: dict[str, int] = {}
+        self._delivery_errors: list[KafkaError] = []
+        self._c = {o: telemetry.kafka_commits.labels(outcome=o) for o in ("committed", "retried", "aborted", "fenced")}
+        self.producer = self._new_producer()
+
+    def _new_producer(self) -> Producer:
+        conf = {
+            **self.conf,
+            "error_cb": self._on_error,
+            "on_delivery": self._on_delivery,
+            "delivery.report.only.error": True,
+            "logger": rdlog,
+        }
+        try:
+            producer = Producer(conf)
+            if self.exactly_once:
+                _retry(lambda: producer.init_transactions(TIMEOUT), "init_transactions")
+        except KafkaException as exc:
+            raise SinkError(f"cannot start the Kafka producer: {exc}") from exc
+        self._in_txn = False
+        return producer
+
+    def _on_error(self, err: KafkaError) -> None:
+        self.telemetry.kafka_errors.labels(error=err.name()).inc()
+        if err.code() in UNREACHABLE:
+            self.telemetry.set_ready(False)
+        log.warning("kafka producer: %s", err)
+
+    def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self._delivery_errors.append(err)
+
+    # -- publishing ----------------------------------------------------------------------
+    def publish(self, outputs: Outputs) -> None:
+        producer = self.producer
+        produce = producer.produce
+        kinds = outputs.by_kind()
+        try:
+            for kind, topic in self._routes:
+                messages = kinds[kind]
+                if not messages:
+                    continue
+                if self.exactly_once and not self._in_txn:
+                    producer.begin_transaction()
+                    self._in_txn = True
+                for key, value in messages:
+                    try:
+                        produce(topic, value, key)
+                    except BufferError:  # the local queue is full: serve deliveries, then retry
+                        self._produce_when_room(topic, value, key)
+            producer.poll(0)
+        except KafkaException as exc:
+            self._failed(exc, "produce")
+
+    def _produce_when_room(self, topic: str, value: bytes, key: bytes | None) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            self.producer.poll(0.05)
+            try:
+                self.producer.produce(topic, value, key)
+                return
+            except BufferError:
+                if time.monotonic() > deadline:
+                    raise SinkError("the producer queue stayed full: is the broker reachable?") from None
+
+    # -- committing ----------------------------------------------------------------------
+    def commit(self, positions: dict[str, int]) -> None:
+        offsets = [
+            TopicPartition(*parse_shard(name), pos) for name, pos in positions.items() if self._committed.get(name) != pos
+        ]
+        started = time.perf_counter()
+        if self.exactly_once:
+            if not self._in_txn and not offsets:
+                return
+            self._commit_transaction(offsets)
+        else:
+            if not offsets and len(self.producer) == 0 and not self._delivery_errors:
+                return
+            self._flush()
+            if self._delivery_errors:
+                errors, self._delivery_errors = self._delivery_errors, []
+                self._c["aborted"].inc()
+                raise Rewind(f"{len(errors)} output(s) not delivered (first: {errors[0]}): replaying")
+            if offsets:
+                self.source.commit_offsets(offsets)
+            self._c["committed"].inc()
+        self.telemetry.kafka_commit_seconds.observe(time.perf_counter() - started)
+        for tp in offsets:
+            name = shard_name(tp.topic, tp.partition)
+            self._committed[name] = tp.offset
+            lag = self.source.lag(name, tp.offset)
+            if lag is not None:
+                self.telemetry.kafka_lag.labels(shard=name).set(lag)
+        self.telemetry.set_ready(True)
+
+    def _commit_transaction(self, offsets: list[TopicPartition]) -> None:
+        producer = self.producer
+        deadline = time.monotonic() + TIMEOUT * 2
+        try:
+            if not self._in_txn:
+                producer.begin_transaction()
+                self._in_txn = True
+            if offsets:
+                producer.send_offsets_to_transaction(offsets, self.source.group_metadata(), TIMEOUT)
+            while True:
+                try:
+                    producer.commit_transaction(TIMEOUT)
+                    break
+                except KafkaException as exc:
+                    err = _err(exc)
+                    if err is None or not err.retriable() or time.monotonic() > deadline:
+                        raise
+                    self._c["retried"].inc()
+                    self.telemetry.set_ready(False)
+                    log.warning("commit_transaction will be retried: %s", err)
+        except Exception as exc:  # noqa: BLE001 - any failure inside a transaction aborts it
+            self._failed(exc, "commit")
+        self._in_txn = False
+        self._c["committed"].inc()
+
+    def _failed(self, exc: Exception, what: str) -> None:
+        """A failure inside a transaction: abort (or re-create a fenced producer) and raise."""
+        err = _err(exc) if isinstance(exc, KafkaException) else None
+        if not self.exactly_once:
+            if err is not None and err.fatal():
+                self.producer = self._new_producer()
+                raise Rewind(f"fatal producer error on {what}: {err}; producer re-created") from exc
+            raise SinkError(f"{what} failed: {exc}") from exc
+        if err is not None and (err.code() in FENCED or err.fatal()):
+            self._c["fenced"].inc()
+            log.error("producer fenced on %s: %s; re-creating it", what, err)
+            self._replace_producer()
+            raise FencedError(f"producer fenced on {what}: {err}") from exc
+        self._c["aborted"].inc()
+        log.warning("transaction aborted after a failure in %s: %s", what, exc)
+        self._abort_or_replace()
+        raise Rewind(f"{what} failed inside a transaction ({exc}); it was aborted") from exc
+
+    def _abort_or_replace(self) -> None:
+        try:
+            _retry(lambda: self.producer.abort_transaction(TIMEOUT), "abort_transaction")
+            self._in_txn = False
+        except (TransportError, KafkaException) as exc:
+            log.warning("abort failed (%s): re-creating the producer", exc)
+            self._replace_producer()
+
+    def _replace_producer(self) -> None:
+        old = self.producer
+        try:
+            old.purge()
+        except (KafkaException, RuntimeError):
+            pass
+        self.producer = self._new_producer()
+
+    def abort(self) -> bool:
+        """Drop uncommitted outputs (partitions were lost); True if a transaction was open."""
+        if not (self.exactly_once and self._in_txn):
+            return False
+        self._c["aborted"].inc()
+        self._abort_or_replace()
+        return True
+
+    def _flush(self) -> None:
+        deadline = time.monotonic() + TIMEOUT * 10
+        while self.producer.flush(1.0) > 0:
+            self.telemetry.set_ready(False)
+            if time.monotonic() > deadline:
+                raise SinkError("outputs could not be delivered: is the broker reachable?")
+
+    # -- snapshots -----------------------------------------------------------------------
+    def checkpoint_state(self, shard: str) -> dict:
+        return {}  # outputs since the snapshot are in the committed log: nothing to cut back
+
+    def restore(self, shard: str, state: dict) -> None:
+        self._committed.pop(shard, None)
+
+    def close(self) -> None:
+        try:
+            if self.exactly_once and self._in_txn:
+                self.producer.abort_transaction(10)
+                self._in_txn = False
+            self.producer.flush(10)
+        except KafkaException as exc:
+            log.warning("closing the producer: %s", exc)
+
+
+def _retry(fn: Any, what: str, attempts: int = 5) -> Any:
+    """Call ``fn`` again on retriable client errors (backoff 0.5 s, 1 s, 2 s, ...)."""
+    delay = 0.5
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except KafkaException as exc:
+            err = _err(exc)
+            if err is None or not err.retriable() or attempt == attempts - 1:
+                raise TransportError(f"{what} failed: {exc}") from exc
+            log.warning("%s failed (%s): retrying in %.1fs", what, err, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    raise AssertionError("unreachable")
+
+
+# -- building from the settings --------------------------------------------------------------
+def client_configs(settings: Settings) -> tuple[dict, dict]:
+    """(consumer config, producer config) rendered from ``source.kafka`` and ``delivery``."""
+    k = settings.source.kafka
+    assert k is not None
+    common = {"bootstrap.servers": k.bootstrap_servers, **k.config}
+    consumer = {
+        "group.id": k.group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "partition.assignment.strategy": "cooperative-sticky",
+        "isolation.level": "read_committed",
+        **common,
+        **k.consumer,
+    }
+    producer: dict[str, Any] = {"linger.ms": 20, "batch.num.messages": 10000, "acks": "all", **common}
+    if settings.delivery == "exactly_once":
+        producer["transactional.id"] = k.transactional_id or f"{k.group_id}-{socket.gethostname()}"
+    else:
+        producer["enable.idempotence"] = True
+    producer.update(k.producer)
+    return consumer, producer
+
+
+def open_kafka(settings: Settings, telemetry: Telemetry) -> tuple[KafkaSource, KafkaSink]:
+    k = settings.source.kafka
+    assert k is not None
+    consumer_conf, producer_conf = client_configs(settings)
+    source = KafkaSource(consumer_conf, list(k.topics), telemetry)
+    sink = KafkaSink(
+        producer_conf,
+        settings.outputs.model_dump(),
+        source,
+        telemetry,
+        exactly_once=settings.delivery == "exactly_once",
+        commit_every=k.commit_every_ms / 1000,
+    )
+    return source, sink
+
+
+# -- helpers for the feeder, the demo and the checkpoint store ------------------------------
+def admin(bootstrap: str, **conf: Any) -> AdminClient:
+    return AdminClient({"bootstrap.servers": bootstrap, "logger": rdlog, **conf})
+
+
+def create_topics(
+    bootstrap: str, names: Iterable[str], partitions: int = 1, config: dict | None = None, timeout: float = 30.0
+) -> None:
+    """Create topics (existing ones are left alone) and wait until each has its leaders."""
+    client = admin(bootstrap)
+    names = list(names)
+    futures = client.create_topics(
+        [NewTopic(n, num_partitions=partitions, replication_factor=1, config=dict(config or {})) for n in names],
+        operation_timeout=timeout,
+        request_timeout=timeout,
+    )
+    for name, fut in futures.items():
+        try:
+            fut.result(timeout=timeout)
+        except KafkaException as exc:
+            err = _err(exc)
+            if err is None or err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise TransportError(f"cannot create topic {name}: {exc}") from exc
+    deadline = time.monotonic() + timeout
+    pending = set(names)
+    while pending:
+        md = client.list_topics(timeout=5)
+        pending = {
+            n for n in pending
+            if not ((t := md.topics.get(n)) and t.error is None and t.partitions
+                    and all(p.leader >= 0 for p in t.partitions.values()))
+        }
+        if pending and time.monotonic() > deadline:
+            raise TransportError(f"topics {sorted(pending)} have no leader after {timeout}s")
+        if pending:
+            time.sleep(0.1)
+
+
+def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
+    client = admin(bootstrap)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if client.list_topics(timeout=2).brokers:
+                return
+        except KafkaException:
+            pass
+        if time.monotonic() > deadline:
+            raise TransportError(f"no Kafka broker answers on {bootstrap} after {timeout}s")
+        time.sleep(0.1)
+
+
+class RecordProducer:
+    """A plain idempotent producer for the feeder: ``send`` then ``flush``."""
+
+    def __init__(self, bootstrap: str, **conf: Any):
+        self._errors: list[KafkaError] = []
+        self.producer = Producer(
+            {"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 10, "logger": rdlog,
+             "on_delivery": self._on_delivery, "delivery.report.only.error": True, **conf}
+        )
+
+    def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self._errors.append(err)
+
+    def send(self, topic: str, value: bytes | None, key: bytes | None = None, partition: int | None = None) -> None:
+        args: dict[str, Any] = {} if partition is None else {"partition": partition}
+        while True:
+            try:
+                self.producer.produce(topic, value, key, **args)
+                break
+            except BufferError:
+                self.producer.poll(0.05)
+        self.producer.poll(0)
+
+    def flush(self, timeout: float = TIMEOUT) -> None:
+        if self.producer.flush(timeout) > 0:
+            raise SinkError(f"records not delivered after {timeout}s")
+        if self._errors:
+            raise SinkError(f"{len(self._errors)} record(s) not delivered: {self._errors[0]}")
+
+
+class CompactedLog:
+    """Key/value records on partition 0 of one topic: append, then read everything back.
+
+    ``append`` returns once every record is acknowledged (acks=all, idempotent, in order).
+    ``read`` yields ``(key, value)`` from where the previous call stopped up to the current
+    end of the partition (``value`` None for a tombstone).
+    """
+
+    def __init__(self, bootstrap: str, topic: str, conf: dict[str, Any] | None = None):
+        self.topic = topic
+        conf = dict(conf or {})
+        self.producer = RecordProducer(bootstrap, acks="all", **conf)
+        self.consumer = Consumer(
+            {"bootstrap.servers": bootstrap, "group.id": f"worker-log-reader-{topic}", "enable.auto.commit": False,
+             "auto.offset.reset": "earliest", "enable.partition.eof": True, "logger": rdlog, **conf}
+        )
+        self._next: int | None = None
+        self._assigned = False
+
+    def append(self, records: Iterable[tuple[bytes, bytes | None]]) -> None:
+        try:
+            for key, value in records:
+                self.producer.send(self.topic, value, key, partition=0)
+            self.producer.flush()
+        except KafkaException as exc:
+            raise TransportError(f"cannot write to {self.topic}: {exc}") from exc
+
+    def read(self, timeout: float = TIMEOUT) -> Iterator[tuple[bytes, bytes | None]]:
+        tp = TopicPartition(self.topic, 0)
+        try:
+            low, high = self.consumer.get_watermark_offsets(tp, timeout=timeout)
+        except KafkaException as exc:
+            raise TransportError(f"cannot read {self.topic}: {exc}") from exc
+        if self._next is None:
+            self._next = low
+        if self._next >= high:
+            return
+        if not self._assigned:
+            self.consumer.assign([TopicPartition(self.topic, 0, self._next)])
+            self._assigned = True
+        deadline = time.monotonic() + timeout
+        while self._next < high:
+            if time.monotonic() > deadline:
+                raise TransportError(f"reading {self.topic} timed out at offset {self._next} of {high}")
+            for m in self.consumer.consume(1000, 0.5):
+                err = m.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        self._next = max(self._next, m.offset())
+                        continue
+                    raise TransportError(f"reading {self.topic}: {err}")
+                self._next = m.offset() + 1
+                yield m.key(), m.value()
+
+    def close(self) -> None:
+        try:
+            self.producer.flush(10)
+        except SinkError as exc:
+            log.warning("closing %s: %s", self.topic, exc)
+        self.consumer.close()
+
+
+__all__ = [
+    "FENCED", "OFFSET_INVALID", "CompactedLog", "KafkaSink", "KafkaSource", "RecordProducer",
+    "client_configs", "create_topics", "open_kafka", "shard_name", "wait_for_broker",
+]
