@@ -145,11 +145,56 @@ class ModelSettings(_Section):
     )
 
 
-class DriftSettings(_Section):
+class ConceptDriftSettings(_Section):
+    """Concept drift: a river.drift detector on the model's per-record error."""
+
     detector: EstimatorSpec | None = Field(
-        default_factory=lambda: {"drift.ADWIN": {}},
-        description="A river.drift detector fed with the per-record error; null disables.",
+        default_factory=lambda: {"drift.ADWIN": {"delta": 0.001}},
+        description="A river.drift detector (ADWIN, PageHinkley, KSWIN, DDM, EDDM, HDDM_A, HDDM_W, ...); "
+        "null disables concept drift.",
     )
+    degradation_only: bool = Field(True, description="Alarm only when the error rises.")
+    policy: Literal["alert", "reset", "challenger"] = "alert"
+
+
+class DistributionDriftSettings(_Section):
+    """Data drift (per input feature) or prediction drift (the output distribution)."""
+
+    enabled: bool = True
+    warmup: int = Field(0, ge=0, description="Records skipped before the reference starts (a young model's outputs move).")
+    reference_size: int = Field(1000, ge=50, description="The N records after the warm-up form the reference.")
+    window: int = Field(1000, ge=50, description="The current window compared with the reference.")
+    check_every: int = Field(250, ge=1, description="Records between two tests.")
+    test: Literal["psi", "ks"] = Field("psi", description="Numeric values: PSI over reference deciles, or KS.")
+    threshold: float | None = Field(
+        None, gt=0, description="Alarm above this statistic; default 0.25 for PSI, 0.2 for KS distance."
+    )
+    bins: int = Field(10, ge=2, le=100, description="Numeric values: quantile bins of the reference.")
+    max_categories: int = Field(50, ge=2, description="Categorical values: the rest share one bucket.")
+    max_features: int = Field(200, ge=1, description="At most this many features are watched.")
+    policy: Literal["alert", "freeze"] = Field(
+        "alert", description="freeze: stop learning while an alarm is active (predictions continue)."
+    )
+
+
+class ChallengerSettings(_Section):
+    """The challenger policy: a fresh model trained in shadow from the drift point."""
+
+    window: int = Field(500, ge=10, description="Rolling window on which champion and challenger are compared.")
+    margin: float = Field(0.01, ge=0, description="Promote when the challenger is better by this much.")
+    min_records: int = Field(300, ge=1, description="Labelled records before a promotion can happen.")
+    max_records: int = Field(20000, ge=1, description="Give up on a challenger that has not won by then.")
+
+
+class DriftSettings(_Section):
+    concept: ConceptDriftSettings = Field(default_factory=ConceptDriftSettings)
+    data: DistributionDriftSettings = Field(default_factory=DistributionDriftSettings)
+    prediction: DistributionDriftSettings = Field(default_factory=lambda: DistributionDriftSettings(warmup=5000))
+    challenger: ChallengerSettings = Field(default_factory=ChallengerSettings)
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.prediction.policy == "freeze":
+            raise ValueError("prediction.policy: freeze applies to data drift only")
 
 
 class MonitorSettings(_Section):
@@ -276,10 +321,10 @@ def load_settings(
     from worker.models import build_model  # late import: models imports config types
 
     build_model(settings.model)
-    if settings.monitor.drift.detector is not None:
+    if settings.monitor.drift.concept.detector is not None:
         from worker.models.spec import build_estimator
 
-        build_estimator(settings.monitor.drift.detector, key="monitor.drift.detector")
+        build_estimator(settings.monitor.drift.concept.detector, key="monitor.drift.concept.detector")
     return settings
 
 

@@ -32,6 +32,23 @@ def drifting_stream(n: int, change_at: int, seed: int = 42):
         yield {"id": i, "user": f"u{i % 100}", "x": x, "y": int(y)}
 
 
+def describe_event(d: dict) -> str:
+    """One line for a drift-output event."""
+    kind = d["event"]
+    where = f"position={d['position']:<6}"
+    if kind == "drift" and d["signal"] == "concept":
+        return (f"DRIFT       {where} concept drift ({d['detector']}, {d['direction']}: "
+                f"error {d['previous']:.3f} -> {d['statistic']:.3f}) model v{d['model_version']}")
+    if kind in ("drift", "drift_cleared"):
+        what = f"feature {d['feature']}" if d.get("feature") else "predictions"
+        return (f"{kind.upper():<11} {where} {d['signal']} drift on {what} "
+                f"({d['detector']} {d['statistic']:.3f} vs {d['threshold']:.3f})")
+    if kind == "promotion":
+        return (f"PROMOTION   {where} challenger promoted: v{d['previous_version']} -> v{d['model_version']} "
+                f"(accuracy {d['champion_score']:.3f} -> {d['challenger_score']:.3f})")
+    return f"{kind.upper():<11} {where} model v{d['model_version']}"
+
+
 class PrintingSink:
     """Wraps a sink and shows what the worker publishes, in a few readable lines."""
 
@@ -60,11 +77,7 @@ class PrintingSink:
                     f"cumulative={m['cumulative']['accuracy']:.3f}\n"
                 )
         for _, value in outputs.drift:
-            d = orjson.loads(value)
-            self.out.write(
-                f"DRIFT       position={d['position']:<6} signal={d['signal']} detector={d['detector']} "
-                f"({d['direction']}: error {d['previous']:.3f} -> {d['statistic']:.3f})\n"
-            )
+            self.out.write(describe_event(orjson.loads(value)) + "\n")
         self.out.flush()
 
     def __getattr__(self, name: str):

@@ -32,11 +32,12 @@ from typing import Any
 from river import base
 
 from worker.codec import BadRecord, Decoder, dumps, encode_dead_letter
-from worker.config import Settings
+from worker.config import DistributionDriftSettings, Settings
 from worker.models import build_model, final_step, spec_hash, uses_imputer
-from worker.monitoring.drift import ConceptDrift
+from worker.monitoring.drift import ConceptDrift, DistributionDrift
 from worker.monitoring.quality import quality_for
 from worker.monitoring.telemetry import Telemetry
+from worker.policies import Challenger
 from worker.records import Outputs
 from worker.state import ShardState
 
@@ -122,21 +123,37 @@ class Engine:
         keep_missing = missing == "keep" or (missing == "auto" and uses_imputer(probe))
         self.decoder = Decoder(settings.record, settings.limits, self.task, keep_missing=keep_missing)
 
+    def new_model(self) -> base.Estimator:
+        return build_model(self.settings.model)
+
+    def new_concept_detector(self) -> ConceptDrift | None:
+        c = self.settings.monitor.drift.concept
+        if c.detector is None or self.task not in ("classification", "regression"):
+            return None
+        return ConceptDrift(c.detector, c.degradation_only)
+
     def new_state(self, shard: str) -> ShardState:
         """A fresh state: an untrained model from the spec, empty metrics and detectors."""
-        s = self.settings
-        detectors = []
-        if s.monitor.drift.detector is not None and self.task in ("classification", "regression"):
-            detectors.append(ConceptDrift(s.monitor.drift.detector))
+        m = self.settings.monitor
         return ShardState(
             shard=shard,
-            model=build_model(s.model),
-            quality=quality_for(self.task, s.monitor.window),
-            detectors=detectors,
+            model=self.new_model(),
+            quality=quality_for(self.task, m.window),
+            concept=self.new_concept_detector(),
+            data_drift=_distribution("data", m.drift.data),
+            prediction_drift=_distribution("prediction", m.drift.prediction),
         )
 
     def shard(self, name: str, state: ShardState | None = None) -> Shard:
         return Shard(self, state if state is not None else self.new_state(name))
+
+
+def _distribution(signal: str, d: DistributionDriftSettings) -> DistributionDrift | None:
+    if not d.enabled:
+        return None
+    return DistributionDrift(
+        signal, d.reference_size, d.warmup, d.window, d.check_every, d.test, d.threshold, d.bins, d.max_categories, d.max_features
+    )
 
 
 class Shard:
@@ -146,9 +163,13 @@ class Shard:
         self.engine = engine
         self.state = state
         s = engine.settings
-        self._step = make_step(state.model, engine.task, s.model.proba, s.model.anomaly_threshold)
+        self._with_proba = s.model.proba
+        self._threshold = s.model.anomaly_threshold
+        self._step = make_step(state.model, engine.task, self._with_proba, self._threshold)
         self._every_records = s.monitor.every_records
         self._every_seconds = s.monitor.every_seconds
+        self._concept_policy = s.monitor.drift.concept.policy
+        self._freeze = s.monitor.drift.data.policy == "freeze"
         self._since_report = 0
         self._last_report = time.monotonic()
         self._key_field = s.record.key is not None
@@ -174,27 +195,24 @@ class Shard:
 
         Records at positions below ``state.position`` were already learned and are skipped.
         Records at positions below ``publish_from`` are learned (replay) but publish nothing.
+        The stages run one after the other over the batch: decode, data-drift watch, predict
+        and learn (with concept drift and its policy per record), quality and prediction drift.
         """
         state = self.state
         tel = self.engine.telemetry
         started = time.perf_counter()
         now = time.time() if now is None else now
-        shard, version = state.shard, state.model_version
-        decode = self.engine.decoder.decode
-        step = self._step
         out = Outputs()
-        predictions = out.predictions
-        dead_letters = out.dead_letters
-        key_field = self._key_field
-        labelled: list = []  # (y, prediction, proba, id, position) of labelled records, for the monitor
-        add_labelled = labelled.append
-        outputs_all: list = []  # clustering/anomaly: every output feeds the monitor
-        n_pred = n_learn = n_filtered = 0
         skip_below = state.position
+        if positions and positions[-1] < skip_below:
+            return out
+
+        # 1. Codec: bytes -> (id, key, x, y, ts, position); bad records -> dead letters
+        decode = self.engine.decoder.decode
+        records: list = []
+        add = records.append
+        n_filtered = 0
         last_pos = None
-        classification = self.engine.task == "classification"
-        score_task = self.engine.task in ("clustering", "anomaly")
-        extra_name = self._extra_name
         for i, value in enumerate(values):
             pos = positions[i]
             if pos < skip_below:
@@ -203,53 +221,39 @@ class Shard:
             try:
                 decoded = decode(value)
             except BadRecord as bad:
-                self._dead(dead_letters, value, bad.reason, bad.detail, pos, now, publish_from)
+                self._dead(out.dead_letters, value, bad.reason, bad.detail, pos, now, publish_from)
                 continue
             if decoded is None:
                 n_filtered += 1
                 continue
             rid, key, x, y, ts = decoded
-            try:
-                pred, extra = step(x, y)
-            except Exception as exc:  # a model that cannot take this record must not stop the shard
-                self._dead(dead_letters, value, "model_error", f"{type(exc).__name__}: {exc}", pos, now, publish_from)
-                continue
-            if pos >= publish_from:
-                if ts is None and timestamps is not None:
-                    ts = timestamps[i]
-                if extra_name is None:
-                    rec = {"id": rid, "key": key, "prediction": pred, "model_version": version,
-                           "shard": shard, "position": pos, "ts": now if ts is None else ts}
-                else:
-                    rec = {"id": rid, "key": key, "prediction": pred, extra_name: extra, "model_version": version,
-                           "shard": shard, "position": pos, "ts": now if ts is None else ts}
-                predictions.append((str(key).encode() if key_field and key is not None else None, dumps(rec)))
-            if score_task:
-                outputs_all.append(pred if extra is None else extra)
-                n_learn += 1
-            elif y is not None:
-                add_labelled((y, pred, extra, rid, pos))
-                n_learn += 1
-            else:
-                n_pred += 1
+            if ts is None and timestamps is not None:
+                ts = timestamps[i]
+            add((rid, key, x, y, ts, pos, value))
         if last_pos is None:
             return out
+
+        # 2. Data drift: inputs do not depend on the model, so the whole batch is watched first;
+        #    with the freeze policy, learning stops from the record after an alarm.
+        frozen = self._watch_inputs(out, records, now, publish_from)
+
+        # 3. Learner: predict then learn, record by record
+        n_pred, n_learn, labelled, outputs_all = self._learn(out, records, now, publish_from, frozen)
+
+        # 4. Monitor: quality metrics, prediction drift, periodic report
         state.position = last_pos + 1
         n_done = n_pred + n_learn + n_filtered
         state.records_seen += n_done
-        quality = state.quality
-        if score_task:
-            quality.update_many([], outputs_all)
+        outs, out_ids, out_pos = (list(c) for c in zip(*outputs_all)) if outputs_all else ([], [], [])
+        if self.engine.task in ("clustering", "anomaly"):
+            state.quality.update_many([], outs)
         elif labelled:
-            ys, yp, probas, ids, lpos = (list(c) for c in zip(*labelled))
-            quality.update_many(ys, yp, probas if classification else None)
-            if state.detectors:
-                errors = quality.errors(ys, yp)
-                for det in state.detectors:
-                    for event in det.update_many(errors, ids, lpos):
-                        self._drift(out, event, now, publish_from)
-        replayed = publish_from > 0 and positions[0] < publish_from
-        if replayed:
+            ys, yp, probas = (list(c) for c in zip(*labelled))
+            state.quality.update_many(ys, yp, probas if self.engine.task == "classification" else None)
+        if state.prediction_drift is not None and outs:
+            for event in state.prediction_drift.update_many(outs, out_ids, out_pos):
+                self._emit_drift(out, event, now, publish_from)
+        if publish_from > 0 and positions[0] < publish_from:
             self._c_replayed.inc(n_done)
         else:
             self._c_learned.inc(n_learn)
@@ -260,27 +264,155 @@ class Shard:
             report = self.report(now)
             if state.position > publish_from:
                 out.metrics.append((None, report))
-        tel.position.labels(shard=shard).set(state.position)
+        tel.position.labels(shard=state.shard).set(state.position)
         tel.processing.observe(time.perf_counter() - started)
         tel.batch_records.observe(len(values))
         return out
 
+    def _watch_inputs(self, out: Outputs, records: list, now: float, publish_from: int) -> list[bool] | None:
+        """Feed the data-drift watch; with the freeze policy, say which records must not be learned.
+
+        An alarm raised at a record freezes learning from the next record on; learning resumes
+        after the record at which the last alarm clears.
+        """
+        dd = self.state.data_drift
+        if dd is None or not records:
+            return None
+        events = dd.update_many([r[2] for r in records], [r[0] for r in records], [r[5] for r in records])
+        for event in events:
+            self._emit_drift(out, event, now, publish_from)
+        if not self._freeze:
+            return None
+        active = set(dd.alarms)
+        for event in reversed(events):  # the alarms as they were before this batch
+            (active.discard if event["event"] == "drift" else active.add)(event["feature"])
+        if not active and not events:
+            return None
+        index = {r[5]: i for i, r in enumerate(records)}
+        frozen = [bool(active)] * len(records)
+        for event in events:
+            (active.add if event["event"] == "drift" else active.discard)(event["feature"])
+            start = index[event["position"]] + 1
+            frozen[start:] = [bool(active)] * (len(records) - start)
+        return frozen
+
+    def _learn(self, out: Outputs, records: list, now: float, publish_from: int, frozen: list[bool] | None):
+        state = self.state
+        shard = state.shard
+        step = self._step
+        predictions = out.predictions
+        key_field = self._key_field
+        extra_name = self._extra_name
+        score_task = self.engine.task in ("clustering", "anomaly")
+        want_outputs = score_task or state.prediction_drift is not None
+        concept = state.concept
+        regression = self.engine.task == "regression"
+        labelled: list = []
+        add_labelled = labelled.append
+        outputs_all: list = []
+        add_output = outputs_all.append
+        n_pred = n_learn = 0
+        for i, (rid, key, x, y, ts, pos, value) in enumerate(records):
+            try:
+                pred, extra = step(x, None if frozen is not None and frozen[i] else y)
+            except Exception as exc:  # a model that cannot take this record must not stop the shard
+                self._dead(out.dead_letters, value, "model_error", f"{type(exc).__name__}: {exc}", pos, now, publish_from)
+                continue
+            if pos >= publish_from:
+                version = state.model_version
+                if extra_name is None:
+                    rec = {"id": rid, "key": key, "prediction": pred, "model_version": version,
+                           "shard": shard, "position": pos, "ts": now if ts is None else ts}
+                else:
+                    rec = {"id": rid, "key": key, "prediction": pred, extra_name: extra, "model_version": version,
+                           "shard": shard, "position": pos, "ts": now if ts is None else ts}
+                predictions.append((str(key).encode() if key_field and key is not None else None, dumps(rec)))
+            if want_outputs:
+                add_output((pred if extra is None or not score_task else extra, rid, pos))
+            if score_task:
+                n_learn += 1
+            elif y is not None:
+                add_labelled((y, pred, extra))
+                n_learn += 1
+                if state.challenger is not None:
+                    state.challenger.observe(x, y, pred)
+                    verdict = state.challenger.verdict()
+                    if verdict is not None:
+                        step = self._settle_challenger(out, verdict, rid, pos, now, publish_from)
+                if concept is not None:
+                    err = (abs(y - pred) if pred is not None else abs(y)) if regression else (0.0 if pred == y else 1.0)
+                    if concept.update(err):
+                        self._emit_drift(out, concept.event(rid, pos), now, publish_from)
+                        step = self._apply_concept_policy(out, rid, pos, now, publish_from) or step
+                        concept = state.concept
+            else:
+                n_pred += 1
+        return n_pred, n_learn, labelled, outputs_all
+
+    # -- policies --------------------------------------------------------------------------
+    def _rebind(self) -> Step:
+        """After the model changed (reset, promotion): new step, new prediction-drift reference."""
+        self.state.prediction_drift = _distribution("prediction", self.engine.settings.monitor.drift.prediction)
+        self._step = make_step(self.state.model, self.engine.task, self._with_proba, self._threshold)
+        self.engine.telemetry.model_version.labels(shard=self.state.shard).set(self.state.model_version)
+        return self._step
+
+    def _apply_concept_policy(self, out: Outputs, rid: Any, pos: int, now: float, publish_from: int) -> Step | None:
+        state = self.state
+        policy = self._concept_policy
+        if policy == "reset":
+            previous = state.model_version
+            state.model = self.engine.new_model()
+            state.model_version += 1
+            state.concept = self.engine.new_concept_detector()
+            self._emit(out, {"event": "model_reset", "signal": "concept", "record_id": rid, "position": pos,
+                             "previous_version": previous}, now, publish_from)
+            return self._rebind()
+        if policy == "challenger" and state.challenger is None:
+            state.challenger = Challenger(self.engine.new_model(), self.engine.task, pos,
+                                          self.engine.settings.monitor.drift.challenger)
+            self._emit(out, {"event": "challenger_started", "signal": "concept", "record_id": rid, "position": pos},
+                       now, publish_from)
+        return None
+
+    def _settle_challenger(self, out: Outputs, verdict: str, rid: Any, pos: int, now: float, publish_from: int) -> Step:
+        state = self.state
+        challenger = state.challenger
+        champion_score, challenger_score = challenger.scores()
+        event = {"record_id": rid, "position": pos, "signal": "concept", "champion_score": champion_score,
+                 "challenger_score": challenger_score, "challenger_records": challenger.seen,
+                 "started_at": challenger.started_at}
+        state.challenger = None
+        if verdict == "promote":
+            previous = state.model_version
+            state.model = challenger.model
+            state.model_version += 1
+            state.concept = self.engine.new_concept_detector()
+            self._emit(out, {"event": "promotion", **event, "previous_version": previous}, now, publish_from)
+            return self._rebind()
+        self._emit(out, {"event": "challenger_discarded", **event}, now, publish_from)
+        return self._step
+
+    # -- outputs ---------------------------------------------------------------------------
     def _dead(self, out: list, value: bytes, reason: str, detail: str, pos: int, now: float, publish_from: int) -> None:
         self._c_dead.inc()
         if pos >= publish_from:
             self.engine.telemetry.dead_letters.labels(reason=reason).inc()
             out.append((None, encode_dead_letter(value, reason, detail, self.state.shard, pos, now)))
 
-    def _drift(self, out: Outputs, event: dict, now: float, publish_from: int) -> None:
+    def _emit_drift(self, out: Outputs, event: dict, now: float, publish_from: int) -> None:
+        if event["position"] >= publish_from and event["event"] == "drift":
+            self.engine.telemetry.drift_events.labels(
+                signal=event["signal"], detector=event["detector"], shard=self.state.shard
+            ).inc()
+        self._emit(out, event, now, publish_from)
+
+    def _emit(self, out: Outputs, event: dict, now: float, publish_from: int) -> None:
+        """A drift-output event (drift, drift_cleared, model_reset, challenger_*, promotion)."""
         if event["position"] < publish_from:
             return
         state = self.state
-        self.engine.telemetry.drift_events.labels(
-            signal=event["signal"], detector=event["detector"], shard=state.shard
-        ).inc()
-        out.drift.append(
-            (None, dumps({"event": "drift", **event, "shard": state.shard, "model_version": state.model_version, "ts": now}))
-        )
+        out.drift.append((None, dumps({**event, "shard": state.shard, "model_version": state.model_version, "ts": now})))
 
     def pending_report(self, now: float | None = None) -> bytes | None:
         """A last metrics event if records were processed since the previous one (at shutdown)."""
@@ -293,11 +425,20 @@ class Shard:
         self._since_report = 0
         self._last_report = time.monotonic()
         metrics = state.quality.report()
-        gauge = self.engine.telemetry.model_metric
+        tel = self.engine.telemetry
+        gauge = tel.model_metric
         for window, values in metrics.items():
             for name, v in values.items():
                 if name != "n":
                     gauge.labels(metric=name, window=window, shard=state.shard).set(v)
+        drift: dict[str, Any] = {}
+        for watch in (state.data_drift, state.prediction_drift):
+            if watch is not None:
+                stats = watch.statistics()
+                for name, v in stats.items():
+                    tel.feature_drift.labels(signal=watch.signal, feature=name, shard=state.shard).set(v)
+                drift[watch.signal] = {"alarms": watch.alarms, "statistics": stats}
+        challenger = state.challenger
         return dumps(
             {
                 "event": "metrics",
@@ -306,6 +447,11 @@ class Shard:
                 "position": state.position,
                 "records": state.records_seen,
                 **metrics,
+                "drift": drift,
+                "challenger": None if challenger is None else {
+                    "started_at": challenger.started_at, "records": challenger.seen,
+                    "scores": dict(zip(("champion", "challenger"), challenger.scores())),
+                },
                 "ts": now,
             }
         )

@@ -43,7 +43,10 @@ class ShardState:
     shard: str
     model: Any
     quality: Any = None
-    detectors: list = field(default_factory=list)
+    concept: Any = None  #: ConceptDrift on the error stream, or None
+    data_drift: Any = None  #: DistributionDrift over the input features, or None
+    prediction_drift: Any = None  #: DistributionDrift over the predictions, or None
+    challenger: Any = None  #: a Challenger learning in shadow, or None
     position: int = 0  #: the next source position to process (line number, offset, ...)
     model_version: int = 1
     records_seen: int = 0

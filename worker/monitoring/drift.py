@@ -1,83 +1,303 @@
-"""Drift detectors that plug into the monitor stage.
+"""Drift detection: concept drift on the error stream, data and prediction drift on distributions.
 
-A detector here is anything with ``signal``, ``name`` and
-``update_many(values, ids, positions) -> list[dict]`` returning drift events (without the
-shard and model fields, which the shard fills in). :class:`ConceptDrift` wraps any
-``river.drift`` detector and feeds it the model's per-record error.
+:class:`ConceptDrift` wraps any ``river.drift`` detector and is fed one error per labelled
+record, inside the learning loop, so that a policy acting on it (reset, challenger) takes
+effect at the same record whatever the batching (replays stay exact).
 
->>> from worker.monitoring.drift import ConceptDrift
+:class:`DistributionDrift` watches value distributions: each input feature (data drift) or
+the model's output (prediction drift). The first ``reference_size`` values form the reference;
+numeric values are binned at the reference's quantiles, categorical ones over the
+``max_categories`` most frequent reference values plus one shared bucket, and missing values
+have a bin of their own. A sliding window of the latest ``window`` values is kept as bin
+indices in a ring buffer (bounded memory whatever the cardinality) and compared with the
+reference every ``check_every`` values by PSI or by the KS distance between the binned
+distributions. An alarm is raised when the statistic crosses the threshold (never below the
+level that sampling noise alone reaches with probability 1e-6, so many bins do not mean
+false alarms) and cleared when it falls under half of it.
+
 >>> d = ConceptDrift({"drift.ADWIN": {"delta": 0.002}})
->>> events = d.update_many([0.0] * 1000 + [1.0] * 1000, list(range(2000)), list(range(2000)))
->>> [(e["signal"], e["detector"], e["direction"]) for e in events][:1]
-[('concept', 'ADWIN', 'degradation')]
->>> 1000 < events[0]["position"] < 1100
-True
+>>> fired = [i for i, e in enumerate([0.0] * 1000 + [1.0] * 1000) if d.update(e)]
+>>> 1000 < fired[0] < 1100, d.last_direction
+(True, 'degradation')
+
+>>> import random
+>>> rng = random.Random(1)
+>>> dd = DistributionDrift(reference_size=500, window=500, check_every=100)
+>>> xs = [{"a": rng.gauss(0, 1), "c": rng.choice("xy")} for _ in range(3000)]
+>>> xs += [{"a": rng.gauss(2, 1), "c": rng.choice("xy")} for _ in range(1000)]
+>>> events = dd.update_many(xs, list(range(4000)), list(range(4000)))
+>>> [(e["event"], e["feature"], e["detector"], e["position"]) for e in events]
+[('drift', 'a', 'PSI', 3199)]
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import functools
+import math
+from collections import Counter
+from typing import Any
+
+import numpy as np
+from scipy.stats import chi2
 
 from worker.models.spec import build_estimator
 
-
-class Detector(Protocol):
-    signal: str
-    name: str
-
-    def update_many(self, values: list, ids: list, positions: list) -> list[dict[str, Any]]: ...
+_NUMBER = (int, float)
+_EPS = 1e-4
+_NOISE_P = 1e-6  # thresholds are never below the statistic's (1 - 1e-6) quantile under no change
 
 
 class ConceptDrift:
     """A ``river.drift`` detector on the error stream (0/1 for classifiers, |error| for regressors).
 
-    With ``degradation_only`` (the default), a detection where the error went *down* (a model
-    still improving) is not reported; the detector still adapts its window.
+    ``update(error) -> bool`` says whether to raise an alarm. With ``degradation_only`` (the
+    default) a detection where the error went *down* (a model still improving) is not an
+    alarm; the detector still adapts. ``last_*`` describe the last detection.
     """
 
     signal = "concept"
 
-    def __init__(self, spec: dict, degradation_only: bool = True, key: str = "monitor.drift.detector"):
+    def __init__(self, spec: dict, degradation_only: bool = True, key: str = "monitor.drift.concept.detector"):
         self.spec = spec
         self.degradation_only = degradation_only
         self.detector = build_estimator(spec, key=key)
         self.name = type(self.detector).__name__
-        self._sum, self._n = 0.0, 0  # error since the last alarm
-        self._threshold = next(
+        self.threshold = next(
             (getattr(self.detector, a) for a in ("delta", "threshold", "alpha", "drift_threshold")
              if isinstance(getattr(self.detector, a, None), int | float)),
             None,
         )
+        self._sum, self._n = 0.0, 0  # error since the last detection
+        self.last_before: float | None = None
+        self.last_after: float | None = None
+        self.last_direction = "unknown"
+
+    def update(self, error: float) -> bool:
+        det = self.detector
+        det.update(error)
+        self._sum += error
+        self._n += 1
+        if not det.drift_detected:
+            return False
+        # mean error since the last detection vs the detector's own estimate after its cut
+        before = self._sum / self._n
+        self._sum, self._n = 0.0, 0
+        after = getattr(det, "estimation", None)
+        self.last_before, self.last_after = before, after
+        self.last_direction = "unknown" if after is None else ("degradation" if after > before else "improvement")
+        return not (self.degradation_only and self.last_direction == "improvement")
+
+    def event(self, record_id: Any, position: int) -> dict[str, Any]:
+        return {
+            "event": "drift",
+            "signal": self.signal,
+            "detector": self.name,
+            "record_id": record_id,
+            "position": position,
+            "statistic": self.last_after,
+            "threshold": self.threshold,
+            "direction": self.last_direction,
+            "previous": self.last_before,
+        }
 
     def update_many(self, values: list, ids: list, positions: list) -> list[dict[str, Any]]:
-        det = self.detector
-        update = det.update
-        has_estimation = hasattr(det, "estimation")
-        events = []
-        total, count = self._sum, self._n
-        for i, v in enumerate(values):
-            update(v)
-            total += v
-            count += 1
-            if det.drift_detected:
-                # mean error since the last alarm vs the detector's estimate after the cut
-                before = total / count
-                total, count = 0.0, 0
-                after = det.estimation if has_estimation else None
-                direction = "unknown" if after is None else ("degradation" if after > before else "improvement")
-                if self.degradation_only and direction == "improvement":
-                    continue
-                events.append(
-                    {
-                        "signal": self.signal,
-                        "detector": self.name,
-                        "record_id": ids[i],
-                        "position": positions[i],
-                        "statistic": after,
-                        "threshold": self._threshold,
-                        "direction": direction,
-                        "previous": before,
-                    }
-                )
-        self._sum, self._n = total, count
+        """Offline convenience: feed many errors, return the alarms as events."""
+        return [self.event(ids[i], positions[i]) for i, v in enumerate(values) if self.update(v)]
+
+
+@functools.lru_cache(maxsize=1024)
+def _chi2_quantile(dof: int) -> float:
+    return float(chi2.ppf(1 - _NOISE_P, dof))
+
+
+class _Watch:
+    """One watched value stream: its reference bins and its sliding window."""
+
+    def __init__(self, name: str, reference: list, bins: int, max_categories: int, window: int):
+        self.name = name
+        numbers = [v for v in reference if type(v) in _NUMBER]
+        self.numeric = len(numbers) >= 0.9 * sum(1 for v in reference if v is not None) and bool(numbers)
+        if self.numeric:
+            qs = np.quantile(np.asarray(numbers, dtype=float), np.linspace(0, 1, bins + 1)[1:-1])
+            self.edges = np.unique(qs)
+            self.n_bins = len(self.edges) + 2  # value bins + missing
+            self.categories: dict = {}
+        else:
+            top = Counter(v for v in reference if v is not None).most_common(max_categories)
+            self.categories = {v: i for i, (v, _) in enumerate(top)}
+            self.edges = np.empty(0)
+            self.n_bins = len(self.categories) + 2  # categories + other + missing
+        self.missing_bin = self.n_bins - 1
+        ref = np.bincount(self.bin(reference), minlength=self.n_bins).astype(float)
+        self.reference = ref / ref.sum()
+        self.ring = np.zeros(window, dtype=np.int32)
+        self.counts = np.zeros(self.n_bins, dtype=np.int64)
+        self.filled = 0
+        self.ptr = 0
+        self.alarm = False
+        self.statistic = 0.0
+
+    def bin(self, values: list) -> np.ndarray:
+        if self.numeric:
+            try:
+                arr = np.array(values, dtype=float)
+            except (TypeError, ValueError):
+                arr = np.array([v if type(v) in _NUMBER else math.nan for v in values], dtype=float)
+            out = np.searchsorted(self.edges, arr, side="right")
+            out[np.isnan(arr)] = self.missing_bin
+            return out
+        other = self.n_bins - 2
+        cats = self.categories
+        return np.array(
+            [self.missing_bin if v is None else cats.get(v, other) for v in values], dtype=np.int64
+        ) if values else np.zeros(0, dtype=np.int64)
+
+    def add(self, values: list) -> None:
+        idx = self.bin(values)
+        w = len(self.ring)
+        if len(idx) >= w:
+            idx = idx[-w:]
+            self.ring[:] = np.roll(idx, self.ptr)
+            self.counts = np.bincount(idx, minlength=self.n_bins)
+            self.filled = w
+            return
+        slots = (self.ptr + np.arange(len(idx))) % w
+        if self.filled == w:
+            self.counts -= np.bincount(self.ring[slots], minlength=self.n_bins)
+        self.ring[slots] = idx
+        self.counts += np.bincount(idx, minlength=self.n_bins)
+        self.ptr = (self.ptr + len(idx)) % w
+        self.filled = min(w, self.filled + len(idx))
+
+    def test(self, kind: str, n_ref: int) -> tuple[str, float, float]:
+        """(detector name, statistic, noise floor) of the current window against the reference."""
+        cur = self.counts / self.counts.sum()
+        n = self.filled
+        if kind == "ks" and self.numeric:
+            stat = float(np.max(np.abs(np.cumsum(cur) - np.cumsum(self.reference))))
+            c = math.sqrt(-0.5 * math.log(_NOISE_P / 2))
+            return "KS", stat, c * math.sqrt((n + n_ref) / (n * n_ref))
+        p, q = cur + _EPS, self.reference + _EPS
+        stat = float(np.sum((p - q) * np.log(p / q)))
+        dof = max(1, int(np.count_nonzero((self.counts > 0) | (self.reference > 0))) - 1)
+        return "PSI", stat, _chi2_quantile(dof) * (1 / n + 1 / n_ref)
+
+
+class DistributionDrift:
+    """Data drift over the features of ``x`` (or, with ``field``, prediction drift over one value)."""
+
+    def __init__(
+        self,
+        signal: str = "data",
+        reference_size: int = 1000,
+        warmup: int = 0,
+        window: int = 1000,
+        check_every: int = 100,
+        test: str = "psi",
+        threshold: float | None = None,
+        bins: int = 10,
+        max_categories: int = 50,
+        max_features: int = 200,
+    ):
+        self.signal = signal
+        self.reference_size = reference_size
+        self.warmup = warmup
+        self.window = window
+        self.check_every = min(check_every, window)
+        self.test = test
+        self.threshold = threshold if threshold is not None else (0.2 if test == "ks" else 0.25)
+        self.bins = bins
+        self.max_categories = max_categories
+        self.max_features = max_features
+        self.seen = 0
+        self._reference: dict[str, list] = {}
+        self.watches: dict[str, _Watch] = {}
+
+    @property
+    def alarms(self) -> list[str]:
+        """Names currently in alarm."""
+        return [name for name, w in self.watches.items() if w.alarm]
+
+    def update_many(self, xs: list, ids: list, positions: list) -> list[dict[str, Any]]:
+        """Feed a batch (dicts of features, or plain values for prediction drift); return events.
+
+        Tests run every ``check_every`` values counted from the start of the stream, so they
+        happen at the same records whatever the batching.
+        """
+        events: list[dict[str, Any]] = []
+        start = 0
+        total = len(xs)
+        while start < total:
+            if self.seen < self.warmup:
+                end = min(total, start + self.warmup - self.seen)
+            elif self.seen < self.warmup + self.reference_size:
+                end = min(total, start + self.warmup + self.reference_size - self.seen)
+                self._collect(xs[start:end])
+                if self.seen + (end - start) >= self.warmup + self.reference_size:
+                    self._build()
+            else:
+                to_check = self.check_every - (self.seen - self.warmup - self.reference_size) % self.check_every
+                end = min(total, start + to_check)
+                for name, w in self.watches.items():
+                    w.add(self._values(xs, start, end, name))
+                if end - start == to_check:
+                    self._check(events, ids[end - 1], positions[end - 1])
+            self.seen += end - start
+            start = end
         return events
+
+    def _values(self, xs: list, start: int, end: int, name: str) -> list:
+        if self.signal == "prediction":
+            return xs[start:end]
+        return [x.get(name) for x in xs[start:end]]
+
+    def _collect(self, xs: list) -> None:
+        ref = self._reference
+        if self.signal == "prediction":
+            ref.setdefault("prediction", []).extend(xs)
+            return
+        for x in xs:
+            for name in x:
+                if name not in ref and len(ref) < self.max_features:
+                    ref[name] = []
+            for name, values in ref.items():
+                values.append(x.get(name))
+
+    def _build(self) -> None:
+        for name, values in self._reference.items():
+            # features first seen late in the reference count as missing before that
+            values[:0] = [None] * (self.reference_size - len(values))
+            self.watches[name] = _Watch(name, values, self.bins, self.max_categories, self.window)
+        self._reference = {}
+
+    def _check(self, events: list, record_id: Any, position: int) -> None:
+        if self.seen == 0:
+            return
+        for name, w in self.watches.items():
+            if w.filled < self.window:
+                continue
+            detector, stat, floor = w.test(self.test, self.reference_size)
+            w.statistic = stat
+            threshold = max(self.threshold, floor)
+            if not w.alarm and stat > threshold:
+                w.alarm = True
+                events.append(self._event("drift", detector, name, stat, threshold, record_id, position))
+            elif w.alarm and stat < threshold / 2:
+                w.alarm = False
+                events.append(self._event("drift_cleared", detector, name, stat, threshold / 2, record_id, position))
+
+    def _event(self, kind: str, detector: str, name: str, stat: float, threshold: float, rid: Any, pos: int) -> dict:
+        return {
+            "event": kind,
+            "signal": self.signal,
+            "detector": detector,
+            "feature": name if self.signal == "data" else None,
+            "record_id": rid,
+            "position": pos,
+            "statistic": stat,
+            "threshold": threshold,
+        }
+
+    def statistics(self) -> dict[str, float]:
+        """The latest statistic of every watched stream (for the Prometheus gauges)."""
+        return {name: w.statistic for name, w in self.watches.items() if w.filled == self.window}

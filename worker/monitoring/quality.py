@@ -25,6 +25,15 @@ _EPS = 1e-15
 _log = math.log
 
 
+def _cross_entropy(y: Any, proba: dict) -> float:
+    """Exactly river's ``metrics.CrossEntropy``: -log of the true label's clamped probability,
+    and 0 when the model gave no probability for that label at all."""
+    p = proba.get(y)
+    if p is None:
+        return 0.0
+    return -_log(min(max(p, _EPS), 1 - _EPS))
+
+
 def _classification_metrics(confusion: dict, n: int, logloss_sum: float, n_proba: int) -> dict[str, float]:
     if n == 0:
         return {"n": 0}
@@ -50,7 +59,7 @@ def _classification_metrics(confusion: dict, n: int, logloss_sum: float, n_proba
 
 
 class ClassificationQuality:
-    """Accuracy, macro-averaged F1 and log loss (cross-entropy, clipped at 1e-15)."""
+    """Accuracy, macro-averaged F1 and log loss (river's CrossEntropy: clamped to [1e-15, 1 - 1e-15])."""
 
     def __init__(self, window: int):
         self.n = 0
@@ -65,7 +74,7 @@ class ClassificationQuality:
         if probas is None:
             self.recent.extend(zip(ys, preds, [None] * len(ys)))
         else:
-            losses = [-_log(max(p.get(y, 0.0), _EPS)) if p is not None else None for y, p in zip(ys, probas)]
+            losses = [_cross_entropy(y, p) if p is not None else None for y, p in zip(ys, probas)]
             self.logloss_sum += sum(v for v in losses if v is not None)
             self.n_proba += len(losses) - losses.count(None)
             self.recent.extend(zip(ys, preds, losses))

@@ -45,6 +45,13 @@ class Telemetry:
             ["metric", "window", "shard"],
             registry=r,
         )
+        self.feature_drift = Gauge(
+            "worker_drift_statistic",
+            "Latest drift statistic (PSI or KS) of a watched feature or of the predictions; "
+            "label sets bounded by monitor.drift.*.max_features.",
+            ["signal", "feature", "shard"],
+            registry=r,
+        )
         self.processing = Histogram(
             "worker_processing_seconds",
             "Time to process one batch (decode, predict, learn, monitor, encode).",
@@ -113,7 +120,7 @@ class Telemetry:
                 metric.remove(shard)
             except KeyError:
                 pass
-        for metric in (self.model_metric, self.drift_events):
+        for metric in (self.model_metric, self.drift_events, self.feature_drift):
             for labels in [s.labels for fam in metric.collect() for s in fam.samples]:
                 if labels.get("shard") == shard:
                     try:
