@@ -1,0 +1,139 @@
+"""worker.monitoring.quality: our batched metrics agree with river's own metrics."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from river import metrics
+
+from worker.monitoring.quality import ClassificationQuality, RegressionQuality, ScoreQuality, quality_for
+
+LABELS = ["a", "b", "c", 1]
+
+
+@st.composite
+def classified(draw, binary: bool = False):
+    labels = [True, False] if binary else LABELS
+    n = draw(st.integers(1, 120))
+    ys = draw(st.lists(st.sampled_from(labels), min_size=n, max_size=n))
+    ps = draw(st.lists(st.sampled_from(labels), min_size=n, max_size=n))
+    probas = []
+    for _ in range(n):
+        # every class present, none at 0 or 1: there river's CrossEntropy and LogLoss agree with each
+        # other (see test_missing_true_class_is_penalised for where they do not)
+        w = draw(st.lists(st.floats(0.01, 1.0), min_size=len(labels), max_size=len(labels)))
+        total = sum(w)
+        probas.append({lab: v / total for lab, v in zip(labels, w)})
+    return ys, ps, probas
+
+
+def river_values(ys, ps, probas, binary=False):
+    acc, f1, ce = metrics.Accuracy(), metrics.MacroF1(), metrics.CrossEntropy()
+    ll = metrics.LogLoss()
+    for y, p, pr in zip(ys, ps, probas):
+        acc.update(y, p)
+        f1.update(y, p)
+        ce.update(y, pr)
+        if binary:
+            ll.update(y, pr)
+    return acc.get(), f1.get(), ce.get(), ll.get() if binary else None
+
+
+@given(classified(), st.integers(1, 200), st.integers(1, 5))
+@settings(max_examples=150, deadline=None)
+def test_classification_cumulative_and_rolling_match_river(data, window, batches):
+    ys, ps, probas = data
+    q = ClassificationQuality(window)
+    step = max(1, len(ys) // batches)
+    for i in range(0, len(ys), step):
+        q.update_many(ys[i:i + step], ps[i:i + step], probas[i:i + step])
+    r = q.report()
+    acc, f1, ce, _ = river_values(ys, ps, probas)
+    assert r["cumulative"]["n"] == len(ys)
+    assert r["cumulative"]["accuracy"] == pytest.approx(acc, rel=1e-12, abs=1e-12)
+    assert r["cumulative"]["f1"] == pytest.approx(f1, rel=1e-9, abs=1e-12)
+    assert r["cumulative"]["log_loss"] == pytest.approx(ce, rel=1e-9, abs=1e-12)
+    k = min(window, len(ys))
+    acc, f1, ce, _ = river_values(ys[-k:], ps[-k:], probas[-k:])
+    assert r["rolling"]["n"] == k
+    assert r["rolling"]["accuracy"] == pytest.approx(acc, rel=1e-12, abs=1e-12)
+    assert r["rolling"]["f1"] == pytest.approx(f1, rel=1e-9, abs=1e-12)
+    assert r["rolling"]["log_loss"] == pytest.approx(ce, rel=1e-9, abs=1e-12)
+
+
+@given(classified(binary=True))
+@settings(max_examples=100, deadline=None)
+def test_binary_log_loss_matches_river_log_loss(data):
+    ys, ps, probas = data
+    q = ClassificationQuality(10)
+    q.update_many(ys, ps, probas)
+    *_, ll = river_values(ys, ps, probas, binary=True)
+    assert q.report()["cumulative"]["log_loss"] == pytest.approx(ll, rel=1e-6, abs=1e-9)
+
+
+def test_missing_true_class_is_penalised():
+    """A proba without the true class (e.g. {} before the first learn) costs -log(1e-15), as river's
+    LogLoss does; river's CrossEntropy would count it as 0 for {} but 34.5 for {label: 0.0}."""
+    q = ClassificationQuality(5)
+    q.update_many([True, "a"], [None, "b"], [{}, {"b": 1.0}])
+    ll = metrics.LogLoss()
+    ll.update(True, {})
+    assert q.report()["cumulative"]["log_loss"] == pytest.approx(ll.get())
+
+
+def test_no_proba_means_no_log_loss_and_empty_is_n_zero():
+    q = ClassificationQuality(5)
+    assert q.report() == {"cumulative": {"n": 0}, "rolling": {"n": 0}}
+    q.update_many([1, 0], [1, 1])
+    assert "log_loss" not in q.report()["cumulative"]
+    assert q.errors([1, 0], [1, 1]) == [0.0, 1.0]
+
+
+finite = st.floats(-1e6, 1e6, allow_nan=False)
+
+
+@given(st.lists(st.tuples(finite, finite), min_size=2, max_size=150), st.integers(1, 200), st.integers(1, 4))
+@settings(max_examples=150, deadline=None)
+def test_regression_cumulative_and_rolling_match_river(pairs, window, batches):
+    ys = [y for y, _ in pairs]
+    ps = [p for _, p in pairs]
+    q = RegressionQuality(window)
+    step = max(1, len(ys) // batches)
+    for i in range(0, len(ys), step):
+        q.update_many(ys[i:i + step], ps[i:i + step])
+    r = q.report()
+
+    def river(ys, ps):
+        mae, rmse, r2 = metrics.MAE(), metrics.RMSE(), metrics.R2()
+        for y, p in zip(ys, ps):
+            mae.update(y, p), rmse.update(y, p), r2.update(y, p)
+        return mae.get(), rmse.get(), r2.get()
+
+    k = min(window, len(ys))
+    for got, (y_, p_) in ((r["cumulative"], (ys, ps)), (r["rolling"], (ys[-k:], ps[-k:]))):
+        mae, rmse, r2 = river(y_, p_)
+        assert got["mae"] == pytest.approx(mae, rel=1e-9, abs=1e-9)
+        assert got["rmse"] == pytest.approx(rmse, rel=1e-9, abs=1e-9)
+        spread = max(y_) - min(y_)
+        if len(y_) > 1 and spread > 1e-3 * max(1.0, max(abs(v) for v in y_)):  # R² is ill-conditioned otherwise
+            assert got["r2"] == pytest.approx(r2, rel=1e-6, abs=1e-6)
+
+
+def test_regression_none_prediction_and_diverged_model_do_not_poison():
+    q = RegressionQuality(10)
+    q.update_many([1.0, 2.0, 3.0], [None, float("nan"), float("inf")])
+    r = q.report()["cumulative"]
+    assert r["n"] == 3 and r["mae"] >= 1e299  # a huge error, but a number
+    assert q.errors([2.0], [None]) == [2.0]
+
+
+def test_score_quality_and_factory():
+    q = ScoreQuality(3)
+    q.update_many([], [0.1, 0.9, 0.5, 0.7])
+    r = q.report()
+    assert r["cumulative"]["n"] == 4 and r["rolling"]["n"] == 3
+    assert r["rolling"]["mean"] == pytest.approx((0.9 + 0.5 + 0.7) / 3)
+    assert isinstance(quality_for("classification", 5), ClassificationQuality)
+    assert isinstance(quality_for("regression", 5), RegressionQuality)
+    assert isinstance(quality_for("anomaly", 5), ScoreQuality)
