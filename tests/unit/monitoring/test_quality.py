@@ -13,18 +13,18 @@ LABELS = ["a", "b", "c", 1]
 
 
 @st.composite
-def classified(draw, binary: bool = False):
+def classified(draw, binary: bool = False, extremes: bool = True):
     labels = [True, False] if binary else LABELS
     n = draw(st.integers(1, 120))
     ys = draw(st.lists(st.sampled_from(labels), min_size=n, max_size=n))
     ps = draw(st.lists(st.sampled_from(labels), min_size=n, max_size=n))
     probas = []
     for _ in range(n):
-        # every class present, none at 0 or 1: there river's CrossEntropy and LogLoss agree with each
-        # other (see test_missing_true_class_is_penalised for where they do not)
-        w = draw(st.lists(st.floats(0.01, 1.0), min_size=len(labels), max_size=len(labels)))
-        total = sum(w)
-        probas.append({lab: v / total for lab, v in zip(labels, w)})
+        # extremes: zero probabilities, classes left out, empty dicts (a model before its first learn)
+        w = draw(st.lists(st.floats(0.0 if extremes else 0.01, 1.0), min_size=len(labels), max_size=len(labels)))
+        keep = draw(st.lists(st.booleans(), min_size=len(labels), max_size=len(labels))) if extremes else [True] * len(labels)
+        total = sum(v for v, k in zip(w, keep) if k)
+        probas.append({lab: v / total for lab, v, k in zip(labels, w, keep) if k} if total > 0 else {})
     return ys, ps, probas
 
 
@@ -62,7 +62,7 @@ def test_classification_cumulative_and_rolling_match_river(data, window, batches
     assert r["rolling"]["log_loss"] == pytest.approx(ce, rel=1e-9, abs=1e-12)
 
 
-@given(classified(binary=True))
+@given(classified(binary=True, extremes=False))
 @settings(max_examples=100, deadline=None)
 def test_binary_log_loss_matches_river_log_loss(data):
     ys, ps, probas = data
@@ -72,14 +72,15 @@ def test_binary_log_loss_matches_river_log_loss(data):
     assert q.report()["cumulative"]["log_loss"] == pytest.approx(ll, rel=1e-6, abs=1e-9)
 
 
-def test_missing_true_class_is_penalised():
-    """A proba without the true class (e.g. {} before the first learn) costs -log(1e-15), as river's
-    LogLoss does; river's CrossEntropy would count it as 0 for {} but 34.5 for {label: 0.0}."""
+def test_log_loss_is_river_cross_entropy_even_for_a_missing_class():
+    """river's CrossEntropy counts a proba without the true class ({} before the first learn) as 0,
+    but {label: 0.0} as -log(1e-15); the worker's log_loss follows it exactly."""
     q = ClassificationQuality(5)
-    q.update_many([True, "a"], [None, "b"], [{}, {"b": 1.0}])
-    ll = metrics.LogLoss()
-    ll.update(True, {})
-    assert q.report()["cumulative"]["log_loss"] == pytest.approx(ll.get())
+    q.update_many([True, "a", "a"], [None, "b", "b"], [{}, {"b": 1.0}, {"b": 1.0, "a": 0.0}])
+    ce = metrics.CrossEntropy()
+    for y, p in [(True, {}), ("a", {"b": 1.0}), ("a", {"b": 1.0, "a": 0.0})]:
+        ce.update(y, p)
+    assert q.report()["cumulative"]["log_loss"] == pytest.approx(ce.get(), rel=1e-12)
 
 
 def test_no_proba_means_no_log_loss_and_empty_is_n_zero():
