@@ -103,7 +103,7 @@ class FileSource:
         pos = self._position
         for line in lines:
             if line.strip():
-                values.append(line)
+                values.append(line[:-1] if line[-1:] == b"\n" else line)  # the record, not its delimiter
                 positions.append(pos)
             pos += 1
         self._position = pos
