@@ -47,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("telemetry listening", extra={"port": server.port})
     try:
         engine = Engine(settings, telemetry)
-        store = open_store(settings.checkpoint.store) if settings.checkpoint.store else None
+        store = open_store(settings.checkpoint.store, settings) if settings.checkpoint.store else None
         key = settings.checkpoint.hmac_key.get_secret_value().encode() if settings.checkpoint.hmac_key else None
         source, sink = open_transport(settings, telemetry)
         runtime = Runtime(engine, source, sink, store, key)
@@ -128,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     state.shard, state.extra = name, {}
     state.position = 0
     key = settings.checkpoint.hmac_key.get_secret_value().encode() if settings.checkpoint.hmac_key else None
-    store = open_store(settings.checkpoint.store)
+    store = open_store(settings.checkpoint.store, settings)
     store.save(name, dumps_snapshot(state, engine.spec, key))
     store.close()
     print(f"trained on {state.records_seen} records; snapshot {name!r} written to {settings.checkpoint.store}")

@@ -137,6 +137,17 @@ class WorkerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
 
+    def wait_for(self, text: str, timeout: float = 30.0) -> bool:
+        """Wait until ``text`` appears in this run's log (bounded); False on timeout or exit."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log_path.read_text(errors="replace"):
+                return True
+            if self.proc is not None and self.proc.poll() is not None:
+                return False
+            time.sleep(0.05)
+        return False
+
 
 @pytest.fixture
 def workers(tmp_path):
