@@ -105,14 +105,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if name == "n":
             continue
         rolling = report["rolling"].get(name)
-        r = f"{rolling:12.4f}" if isinstance(rolling, float) else f"{'':>12}"
-        print(f"| {name:<10} | {value:12.4f} | {r} |")
+        print(f"| {name:<10} | {_cell(value)} | {_cell(rolling)} |")
     print()
     events = summary["drift_events"]
     print(f"drift events: {len(events)}")
     for e in events:
         print(f"  position {e['position']}: {e['signal']} drift ({e['detector']}, {e['direction']})")
     return 0
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:12.4f}"
+    return f"{'' if value is None else value!s:>12}"
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -54,7 +54,7 @@ REASONS = (
     "model_error",
 )
 
-_NON_FINITE = re.compile(rb"\bNaN\b|\bInfinity\b|infinity")
+_NON_FINITE = re.compile(rb"-?(NaN|Infinity)")
 _PLAIN = frozenset({int, float, str, bool})
 
 
@@ -240,9 +240,12 @@ class Decoder:
 
 def _json_error(value: bytes, exc: Exception) -> BadRecord:
     msg = str(exc)
-    if _NON_FINITE.search(value) and ("infinity" in msg or "unexpected character" in msg):
+    pos = getattr(exc, "pos", None)
+    if "infinity" in msg or (
+        pos is not None and (_NON_FINITE.match(value, pos) or _NON_FINITE.match(value, max(0, pos - 1)))
+    ):
         return BadRecord("non_finite_number", "NaN or Infinity is not valid JSON")
-    if "recursion" in msg:
+    if "depth" in msg or "recursion" in msg:
         return BadRecord("too_deep", msg)
     return BadRecord("invalid_json", msg)
 

@@ -270,8 +270,9 @@ def apply_env(data: dict, env: Mapping[str, str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
-        if isinstance(value, str | int | float | bool | list | dict) or value is None:
-            _set_path(data, path, value)
+        if not (isinstance(value, str | int | float | bool | list | dict) or value is None):
+            value = raw  # e.g. a date: keep the text
+        _set_path(data, path, value)
     return data
 
 

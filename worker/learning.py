@@ -341,7 +341,7 @@ class Shard:
                         step = self._settle_challenger(out, verdict, rid, pos, now, publish_from)
                 if concept is not None:
                     err = (abs(y - pred) if pred is not None else abs(y)) if regression else (0.0 if pred == y else 1.0)
-                    if concept.update(err):
+                    if err - err == 0 and concept.update(err):  # (a NaN or infinite error is not fed)
                         self._emit_drift(out, concept.event(rid, pos), now, publish_from)
                         step = self._apply_concept_policy(out, rid, pos, now, publish_from) or step
                         concept = state.concept

@@ -70,13 +70,16 @@ class Runtime:
     # -- assignment listener -------------------------------------------------------------
     def on_assign(self, shards: list[str]) -> None:
         for name in shards:
-            state = self._restore(name)
+            state, own = self._restore(name)
             shard = self.engine.shard(name, state)
             self.shards[name] = shard
             committed = self.source.committed(name)
             self.publish_from[name] = max(shard.state.position, committed or 0)
-            if state is not None:
+            if own:
                 self.sink.restore(name, state.extra.get("sink", {}))
+            elif self.store is not None:
+                # a first snapshot at once: a crash before the first checkpoint then rolls back to here
+                self._snapshot(name)
             self.source.seek(name, shard.state.position)
             log.info(
                 "shard assigned",
@@ -126,19 +129,20 @@ class Runtime:
         self.engine.telemetry.shards.set(len(self.shards))
 
     # -- snapshots -----------------------------------------------------------------------
-    def _restore(self, name: str) -> Any:
+    def _restore(self, name: str) -> tuple[Any, bool]:
+        """(state or None, whether it is the shard's own snapshot)."""
         if self.store is None:
-            return None
+            return None, False
         blob = self.store.load(name)
         if blob is not None:
-            return loads_snapshot(blob, self.engine.spec, self.hmac_key)
+            return loads_snapshot(blob, self.engine.spec, self.hmac_key), True
         warm = self.store.load(WARM_START)
         if warm is None:
-            return None
+            return None, False
         state = loads_snapshot(warm, self.engine.spec, self.hmac_key)
         log.info("shard starts from the warm-start snapshot", extra={"shard": name})
         state.shard, state.position, state.extra = name, 0, {}
-        return state
+        return state, False
 
     def _snapshot(self, name: str) -> None:
         if self.store is None:

@@ -31,6 +31,8 @@ def _cross_entropy(y: Any, proba: dict) -> float:
     p = proba.get(y)
     if p is None:
         return 0.0
+    if p != p:  # a model that outputs NaN: not scored (river's metric would turn NaN for good)
+        return None  # type: ignore[return-value]
     return -_log(min(max(p, _EPS), 1 - _EPS))
 
 
@@ -75,14 +77,11 @@ class ClassificationQuality:
             self.recent.extend(zip(ys, preds, [None] * len(ys)))
         else:
             losses = [_cross_entropy(y, p) if p is not None else None for y, p in zip(ys, probas)]
-            self.logloss_sum += sum(v for v in losses if v is not None)
+            self.logloss_sum += sum([v for v in losses if v is not None])
             self.n_proba += len(losses) - losses.count(None)
             self.recent.extend(zip(ys, preds, losses))
         self.n += len(ys)
 
-    def errors(self, ys: list, preds: list) -> list[float]:
-        """The per-record error fed to concept-drift detectors: 0 (right) or 1 (wrong)."""
-        return [0.0 if y == p else 1.0 for y, p in zip(ys, preds)]
 
     def report(self) -> dict[str, dict[str, float]]:
         window: dict = {}
@@ -116,26 +115,26 @@ class RegressionQuality:
     def __init__(self, window: int):
         self.n = 0
         self.sums = [0.0, 0.0, 0.0, 0.0]  # |e|, e², y, y²
+        self.invalid = 0  # NaN or infinite predictions (not scored)
         self.recent: deque[tuple[float, float]] = deque(maxlen=window)
 
     def update_many(self, ys: list, preds: list, probas: list | None = None) -> None:
         s_abs, s_sq, s_y, s_y2 = self.sums
         append = self.recent.append
+        n = 0
         for y, p in zip(ys, preds):
             e = y - (p if p is not None else 0.0)
-            if e != e or e in (math.inf, -math.inf):  # a diverged model: count as a huge error
-                e = 1e300
+            if e != e or e in (math.inf, -math.inf):  # NaN/inf prediction: counted apart, not scored
+                self.invalid += 1
+                continue
+            n += 1
             s_abs += abs(e)
             s_sq += e * e
             s_y += y
             s_y2 += y * y
             append((y, e))
         self.sums = [s_abs, s_sq, s_y, s_y2]
-        self.n += len(ys)
-
-    def errors(self, ys: list, preds: list) -> list[float]:
-        """Absolute errors, fed to concept-drift detectors."""
-        return [abs(y - (p if p is not None else 0.0)) for y, p in zip(ys, preds)]
+        self.n += n
 
     def report(self) -> dict[str, dict[str, float]]:
         s = [0.0, 0.0, 0.0, 0.0]
@@ -144,10 +143,10 @@ class RegressionQuality:
             s[1] += e * e
             s[2] += y
             s[3] += y * y
-        return {
-            "cumulative": _regression_metrics(self.n, *self.sums),
-            "rolling": _regression_metrics(len(self.recent), *s),
-        }
+        cumulative = _regression_metrics(self.n, *self.sums)
+        if self.invalid:
+            cumulative["invalid_predictions"] = self.invalid
+        return {"cumulative": cumulative, "rolling": _regression_metrics(len(self.recent), *s)}
 
 
 class ScoreQuality:
@@ -161,8 +160,6 @@ class ScoreQuality:
         self.recent.extend(preds)
         self.n += len(preds)
 
-    def errors(self, ys: list, preds: list) -> list[float]:
-        return []
 
     def report(self) -> dict[str, dict[str, float]]:
         values = sorted(v for v in self.recent if isinstance(v, int | float))
