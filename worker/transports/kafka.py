@@ -323,7 +323,7 @@ class KafkaSink:
                     except BufferError:  # the local queue is full: serve deliveries, then retry
                         self._produce_when_room(topic, value, key)
             producer.poll(0)
-        except KafkaException as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure inside a transaction aborts it
             self._failed(exc, "produce")
 
     def _produce_when_room(self, topic: str, value: bytes, key: bytes | None) -> None:
