@@ -72,11 +72,6 @@ def test_dead_letter_reasons(value, reason):
      b'{"x": {"a": 1' + b"0" * 400 + b"}, \"y\": 1}"],
     ids=["1e999", "-1e999", "-Infinity", "400-digit-integer"],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in codec._json_error: orjson says 'number is infinity when parsed as double' (1e999, huge "
-    "literals) and 'no digit after sign' (-Infinity); the value regex / message test misses them -> invalid_json",
-)
 def test_numbers_that_overflow_or_negative_infinity_are_non_finite(value):
     assert reason_of(decoder(), value) == "non_finite_number"
 
@@ -87,11 +82,6 @@ def test_numbers_that_overflow_never_reach_the_model():
         decoder().decode(b'{"x": {"a": 1e999}, "y": 1}')
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in codec._json_error: orjson 3.11+ reports nesting over its limit as 'depth limit exceeded', "
-    "the code looks for 'recursion', so too_deep is never produced (invalid_json instead)",
-)
 def test_nesting_deeper_than_orjson_allows_is_too_deep():
     value = b'{"x": {"a": 1}, "y": ' + b"[" * DEEP_ORJSON + b"]" * DEEP_ORJSON + b"}"
     assert reason_of(decoder(), value) == "too_deep"

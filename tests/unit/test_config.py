@@ -146,11 +146,6 @@ def test_secrets_from_env_are_taken_verbatim(secret):
     assert s.checkpoint.hmac_key.get_secret_value() == secret
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: apply_env silently drops an override whose YAML value is not str/int/float/bool/list/dict "
-    "(e.g. a date: WORKER__SOURCE__FILE__PATH=2024-01-01 is ignored, no error)",
-)
 def test_env_override_that_yaml_reads_as_a_date_is_not_dropped():
     s = load_settings(data={"source": {"file": {"path": "a.jsonl"}}}, env={"WORKER__SOURCE__FILE__PATH": "2024-01-01"})
     assert s.source.file.path == "2024-01-01"
