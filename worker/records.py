@@ -60,3 +60,20 @@ class Outputs:
             "metrics": self.metrics,
             "dead_letter": self.dead_letters,
         }
+
+
+def describe_event(d: dict) -> str:
+    """One line for a drift-output event."""
+    kind = d["event"]
+    where = f"position={d['position']:<6}"
+    if kind == "drift" and d["signal"] == "concept":
+        return (f"DRIFT       {where} concept drift ({d['detector']}, {d['direction']}: "
+                f"error {d['previous']:.3f} -> {d['statistic']:.3f}) model v{d['model_version']}")
+    if kind in ("drift", "drift_cleared"):
+        what = f"feature {d['feature']}" if d.get("feature") else "predictions"
+        return (f"{kind.upper():<11} {where} {d['signal']} drift on {what} "
+                f"({d['detector']} {d['statistic']:.3f} vs {d['threshold']:.3f})")
+    if kind == "promotion":
+        return (f"PROMOTION   {where} challenger promoted: v{d['previous_version']} -> v{d['model_version']} "
+                f"(accuracy {d['champion_score']:.3f} -> {d['challenger_score']:.3f})")
+    return f"{kind.upper():<11} {where} model v{d['model_version']}"
