@@ -1,4 +1,4 @@
-"""Command line: ``worker run | evaluate | train | check`` (also ``python -m worker``).
+"""Command line: ``worker run | evaluate | train | check | demo | produce`` (also ``python -m worker``).
 
 Exit codes: 0 success, 1 runtime failure, 2 configuration error (the message names the key).
 """
@@ -108,9 +108,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"| {name:<10} | {_cell(value)} | {_cell(rolling)} |")
     print()
     events = summary["drift_events"]
-    print(f"drift events: {len(events)}")
+    print(f"drift-output events: {len(events)}")
+    from worker.records import describe_event
+
     for e in events:
-        print(f"  position {e['position']}: {e['signal']} drift ({e['detector']}, {e['direction']})")
+        print("  " + describe_event(e))
     return 0
 
 
@@ -141,9 +143,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from worker.demo import run_file_demo
+    from worker.demo import run_file_demo, run_kafka_demo
 
-    return run_file_demo(records=args.records, change_at=args.change_at, port=args.port)
+    if args.transport == "file":
+        return run_file_demo(records=args.records, change_at=args.change_at, port=args.port)
+    return run_kafka_demo(records=args.records, change_at=args.change_at, port=args.port, rate=args.rate,
+                          bootstrap=args.bootstrap, timeout=args.timeout)
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from worker.feeder import feed, synthetic
+    from worker.transports.kafka import create_topics
+
+    if args.partitions:
+        create_topics(args.bootstrap, [args.topic], partitions=args.partitions)
+    records = synthetic(args.records, seed=args.seed, drift_at=args.drift_at, keys=args.keys)
+    sent = feed(args.bootstrap, args.topic, records, rate=args.rate)
+    print(f"produced {sent} records to {args.topic}", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,7 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--records", type=int, default=20000)
     p.add_argument("--change-at", type=int, default=10000)
     p.add_argument("--port", type=int, default=0, help="Prometheus port (0 = any free port)")
+    p.add_argument("--transport", choices=["kafka", "file"], default="kafka",
+                   help="kafka: an embedded broker (tansu), a feeder and the worker (default); file: no broker")
+    p.add_argument("--rate", type=float, default=4000.0, help="kafka: records per second fed")
+    p.add_argument("--bootstrap", help="kafka: use this broker instead of starting tansu")
+    p.add_argument("--timeout", type=float, default=180.0, help="kafka: stop after this many seconds at most")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("produce", help="feed a river synthetic stream (Agrawal with a concept change) to a topic")
+    p.add_argument("--bootstrap", "-b", required=True)
+    p.add_argument("--topic", "-t", required=True)
+    p.add_argument("--records", "-n", type=int, default=20000)
+    p.add_argument("--rate", type=float, default=None, help="records per second (default: as fast as possible)")
+    p.add_argument("--partitions", type=int, default=0, help="create the topic with this many partitions if missing")
+    p.add_argument("--keys", type=int, default=100, help="distinct record keys (k0, k1, ...); 0 = no key")
+    p.add_argument("--drift-at", type=int, default=None, help="concept change position (default: half-way)")
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=cmd_produce)
     return parser
 
 

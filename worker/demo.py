@@ -16,7 +16,7 @@ from typing import TextIO
 import orjson
 from river import datasets
 
-from worker.records import Outputs
+from worker.records import Outputs, describe_event
 
 
 def drifting_stream(n: int, change_at: int, seed: int = 42):
@@ -30,23 +30,6 @@ def drifting_stream(n: int, change_at: int, seed: int = 42):
     )
     for i, (x, y) in enumerate(itertools.islice(stream, n)):
         yield {"id": i, "user": f"u{i % 100}", "x": x, "y": int(y)}
-
-
-def describe_event(d: dict) -> str:
-    """One line for a drift-output event."""
-    kind = d["event"]
-    where = f"position={d['position']:<6}"
-    if kind == "drift" and d["signal"] == "concept":
-        return (f"DRIFT       {where} concept drift ({d['detector']}, {d['direction']}: "
-                f"error {d['previous']:.3f} -> {d['statistic']:.3f}) model v{d['model_version']}")
-    if kind in ("drift", "drift_cleared"):
-        what = f"feature {d['feature']}" if d.get("feature") else "predictions"
-        return (f"{kind.upper():<11} {where} {d['signal']} drift on {what} "
-                f"({d['detector']} {d['statistic']:.3f} vs {d['threshold']:.3f})")
-    if kind == "promotion":
-        return (f"PROMOTION   {where} challenger promoted: v{d['previous_version']} -> v{d['model_version']} "
-                f"(accuracy {d['champion_score']:.3f} -> {d['challenger_score']:.3f})")
-    return f"{kind.upper():<11} {where} model v{d['model_version']}"
 
 
 class PrintingSink:
@@ -125,3 +108,106 @@ def run_file_demo(records: int = 20000, change_at: int = 10000, port: int | None
             server.close()
     print(f"demo: done, {runtime.records} records; snapshot in {work / 'state'}")
     return rc
+
+
+def run_kafka_demo(
+    records: int = 20000,
+    change_at: int = 10000,
+    port: int | None = 0,
+    rate: float = 4000.0,
+    bootstrap: str | None = None,
+    timeout: float = 180.0,
+) -> int:
+    """The real streaming path: tansu (or ``bootstrap``), a feeder, the worker (exactly_once).
+
+    Prints, as they arrive on the output topics (read_committed), a sample of predictions,
+    the rolling accuracy and the drift event; stops by itself once every record has its
+    prediction (or after ``timeout`` seconds).
+    """
+    import contextlib
+    import threading
+    import time
+
+    from worker.config import load_settings
+    from worker.embedded import CONSUMER_OVERRIDES, EmbeddedBroker
+    from worker.feeder import feed
+    from worker.learning import Engine
+    from worker.monitoring.telemetry import Telemetry, TelemetryServer
+    from worker.runtime import Runtime
+    from worker.transports.kafka import OutputReader, create_topics, open_kafka
+
+    work = Path(tempfile.mkdtemp(prefix="worker-demo-"))
+    with contextlib.ExitStack() as stack:
+        if bootstrap is None:
+            print("demo: starting the embedded Kafka-API broker (tansu) ...")
+            bootstrap = stack.enter_context(EmbeddedBroker(work / "tansu")).bootstrap
+            assert bootstrap is not None
+        topics = {"predictions": "predictions", "drift": "drift", "metrics": "metrics", "dead_letter": "dead-letters"}
+        create_topics(bootstrap, ["events"], partitions=2)
+        create_topics(bootstrap, topics.values(), partitions=1)
+        settings = load_settings(
+            data={
+                "source": {"type": "kafka", "kafka": {
+                    "bootstrap_servers": bootstrap, "topics": ["events"], "group_id": "worker-demo",
+                    "consumer": dict(CONSUMER_OVERRIDES), "transactional_id": "worker-demo-0",
+                }},
+                "outputs": topics,
+                "record": {"key": "user"},
+                "monitor": {"every_records": 2000},
+                "checkpoint": {"store": f"file://{work / 'state'}"},
+                "limits": {"batch_size": 1000},
+                "delivery": "exactly_once",
+                "telemetry": {"port": port},
+            },
+            env={},
+        )
+        telemetry = Telemetry()
+        if port is not None:
+            server = stack.enter_context(contextlib.closing(TelemetryServer(telemetry, "127.0.0.1", port).start()))
+            print(f"demo: Prometheus metrics on http://127.0.0.1:{server.port}/metrics")
+        print(f"demo: broker {bootstrap}; feeding {records} Agrawal records at {rate:.0f}/s into 'events' "
+              f"(2 partitions), concept change at {change_at}")
+        stop_feed = threading.Event()
+        feeder = threading.Thread(
+            target=feed, args=(bootstrap, "events", drifting_stream(records, change_at)),
+            kwargs={"rate": rate, "stop": stop_feed}, daemon=True,
+        )
+        feeder.start()
+        source, sink = open_kafka(settings, telemetry)
+        runtime = Runtime(Engine(settings, telemetry), source, sink, _store(settings))
+        runtime.install_signal_handlers()
+        printer = PrintingSink(_Null())
+        reader = OutputReader(bootstrap, list(topics.values()))
+        seen = 0
+
+        def watch() -> None:
+            nonlocal seen
+            deadline = time.monotonic() + timeout
+            while not runtime._stop.is_set():
+                outputs = reader.poll(0.2, topics)
+                seen += len(outputs.predictions)
+                printer.publish(outputs)
+                if seen >= records or time.monotonic() > deadline:
+                    runtime.stop()
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        started = time.monotonic()
+        rc = runtime.run()
+        stop_feed.set()
+        watcher.join(timeout=5)
+        reader.close()
+        feeder.join(timeout=5)
+        print(f"demo: done: {seen} predictions read back (read_committed) in {time.monotonic() - started:.1f}s")
+    return rc
+
+
+def _store(settings):
+    from worker.checkpoint import open_store
+
+    return open_store(settings.checkpoint.store, settings)
+
+
+class _Null:
+    def publish(self, outputs: Outputs) -> None:
+        return None

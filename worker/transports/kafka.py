@@ -598,6 +598,30 @@ class RecordProducer:
             raise SinkError(f"{len(self._errors)} record(s) not delivered: {self._errors[0]}")
 
 
+class OutputReader:
+    """Reads the worker's output topics from the start, as a read_committed client would."""
+
+    def __init__(self, bootstrap: str, topics: list[str], **conf: Any):
+        self.consumer = Consumer(
+            {"bootstrap.servers": bootstrap, "group.id": f"worker-reader-{time.time_ns()}", "enable.auto.commit": False,
+             "auto.offset.reset": "earliest", "isolation.level": "read_committed", "logger": rdlog, **conf}
+        )
+        self.consumer.subscribe(topics)
+
+    def poll(self, timeout: float, kinds: dict[str, str]) -> Outputs:
+        """Messages that arrived, as :class:`Outputs` (``kinds``: output kind -> topic)."""
+        by_topic = {t: k for k, t in kinds.items()}
+        out = Outputs()
+        lists = out.by_kind()
+        for m in self.consumer.consume(1000, timeout):
+            if m.error() is None and m.topic() in by_topic:
+                lists[by_topic[m.topic()]].append((m.key(), m.value()))
+        return out
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
 class CompactedLog:
     """Key/value records on partition 0 of one topic: append, then read everything back.
 
@@ -661,6 +685,6 @@ class CompactedLog:
 
 
 __all__ = [
-    "FENCED", "OFFSET_INVALID", "CompactedLog", "KafkaSink", "KafkaSource", "RecordProducer",
+    "FENCED", "OFFSET_INVALID", "CompactedLog", "KafkaSink", "KafkaSource", "OutputReader", "RecordProducer",
     "client_configs", "create_topics", "open_kafka", "shard_name", "wait_for_broker",
 ]
