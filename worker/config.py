@@ -243,6 +243,13 @@ class Settings(_Section):
     delivery: Literal["exactly_once", "at_least_once"] = "exactly_once"
 
 
+_PASS_THROUGH = ("config", "consumer", "producer")  # dicts of client settings with dotted keys
+
+
+def _is_secret(key: str) -> bool:
+    return any(w in key.lower() for w in _SECRET_WORDS)
+
+
 def _set_path(data: dict, path: list[str], value: Any) -> None:
     node = data
     for i, part in enumerate(path[:-1]):
@@ -250,7 +257,7 @@ def _set_path(data: dict, path: list[str], value: Any) -> None:
         if not isinstance(child, dict):
             child = node[part] = {}
         node = child
-        if part == "config":  # librdkafka-style keys: WORKER__..._CONFIG__SASL_PASSWORD -> sasl.password
+        if part in _PASS_THROUGH:  # librdkafka-style keys: WORKER__..._CONFIG__SASL_PASSWORD -> sasl.password
             path = path[: i + 1] + [".".join(path[i + 1 :]).replace("_", ".")]
             break
     node[path[-1]] = value
@@ -272,6 +279,8 @@ def apply_env(data: dict, env: Mapping[str, str]) -> dict:
             value = raw
         if not (isinstance(value, str | int | float | bool | list | dict) or value is None):
             value = raw  # e.g. a date: keep the text
+        if _is_secret(path[-1].replace("_", ".")) or _is_secret(path[-1]):
+            value = raw  # a password is text, verbatim: "007" must not become 7
         _set_path(data, path, value)
     return data
 
@@ -336,7 +345,7 @@ def _mask(obj: Any, key: str = "") -> Any:
         return [_mask(v, key) for v in obj]
     if isinstance(obj, SecretStr):
         return "**********"
-    if obj is not None and any(w in key.lower() for w in _SECRET_WORDS):
+    if obj is not None and _is_secret(key):
         return "**********"
     return obj
 

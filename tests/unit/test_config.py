@@ -131,11 +131,6 @@ def test_env_override_with_a_wrong_type_names_the_key():
     assert e.value.key == "telemetry.port"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: apply_env YAML-parses secrets: WORKER__..._CONFIG__SASL_PASSWORD=007 becomes the int 7 "
-    "(a silently wrong password), and WORKER__CHECKPOINT__HMAC_KEY=12345 is refused as 'not a string'",
-)
 @pytest.mark.parametrize("secret", ["007", "12345", "yes", "0x1F"])
 def test_secrets_from_env_are_taken_verbatim(secret):
     s = load_settings(
