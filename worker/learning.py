@@ -55,6 +55,8 @@ def make_step(model: base.Estimator, task: str, with_proba: bool = True, thresho
         predict = model.predict_one
         predict_proba = model.predict_proba_one
         derive = type(last).predict_one is base.Classifier.predict_one
+        if with_proba and getattr(last, "estimator", None) is not None and not hasattr(last.estimator, "predict_proba"):
+            with_proba = False  # e.g. compat-wrapped SGDClassifier(loss="hinge"): labels only
         if with_proba and derive:
 
             def step(x: dict, y: Any) -> tuple[Any, Any]:

@@ -44,11 +44,29 @@ DISTANCES = {
 
 
 def is_spec(value: Any) -> bool:
-    """A one-key mapping whose key looks like ``module.Class`` (or ``sklearn.module.Class``)."""
+    """A one-key mapping whose key looks like ``module.Class`` (or ``sklearn.module.Class``).
+
+    A key that starts with a river module name counts too (``linear_model.logisticRegression``),
+    so that a misspelt class is refused rather than passed on as a plain mapping.
+    """
     if not isinstance(value, dict) or len(value) != 1:
         return False
     (name,) = value
-    return isinstance(name, str) and bool(_CLASS_PATH.match(name) or _SKLEARN_PATH.match(name))
+    if not isinstance(name, str):
+        return False
+    if _CLASS_PATH.match(name) or _SKLEARN_PATH.match(name):
+        return True
+    head = name.removeprefix("river.").split(".")[0]
+    return "." in name and head in _river_modules()
+
+
+@functools.cache
+def _river_modules() -> frozenset[str]:
+    import pkgutil
+
+    import river
+
+    return frozenset(m.name for m in pkgutil.iter_modules(river.__path__) if not m.name.startswith("_"))
 
 
 def resolve_class(name: str, *, key: str = "model", allow_sklearn: bool = False) -> type:
@@ -62,6 +80,8 @@ def resolve_class(name: str, *, key: str = "model", allow_sklearn: bool = False)
     elif _CLASS_PATH.match(name):
         path = name if name.startswith("river.") else f"river.{name}"
         module_name, _, cls_name = path.rpartition(".")
+    elif name.removeprefix("river.").split(".")[0] in _river_modules():
+        raise ModelSpecError(key, "no such class (class names are CamelCase, e.g. optim.SGD)")
     else:
         raise ModelSpecError(key, "only classes under the river package can be named")
     root = module_name.split(".")[0]
