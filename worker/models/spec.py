@@ -81,7 +81,12 @@ def resolve_class(name: str, *, key: str = "model", allow_sklearn: bool = False)
         path = name if name.startswith("river.") else f"river.{name}"
         module_name, _, cls_name = path.rpartition(".")
     elif name.removeprefix("river.").split(".")[0] in _river_modules():
-        raise ModelSpecError(key, "no such class (class names are CamelCase, e.g. optim.SGD)")
+        module_name, _, attr = f"river.{name.removeprefix('river.')}".rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError):
+            raise ModelSpecError(key, "no such class (class names are CamelCase, e.g. optim.SGD)") from None
+        raise ModelSpecError(key, f"only classes under the river package can be named, not a {type(found).__name__}")
     else:
         raise ModelSpecError(key, "only classes under the river package can be named")
     root = module_name.split(".")[0]
