@@ -159,22 +159,10 @@ class Decoder:
         """Whether a ``drop_if`` rule matches this (already decoded) record."""
         return any(rule(obj) for rule in self._drop)
 
-    def decode_object(self, value: bytes) -> dict:
-        """Bytes -> the JSON object, or BadRecord."""
-        if len(value) > self.max_bytes:
-            raise BadRecord("too_large", f"{len(value)} bytes > limits.max_record_bytes={self.max_bytes}")
-        try:
-            obj = loads(value)
-        except JSONDecodeError as exc:
-            raise _json_error(value, exc) from None
-        if type(obj) is not dict:
-            raise BadRecord("not_an_object", f"a record must be a JSON object, got {_json_type(obj)}")
-        return obj
-
     def decode(self, value: bytes) -> tuple[Any, Any, dict, Any, Any] | None:
         """Bytes -> ``(id, key, features, target, timestamp)``; None if a drop_if rule matched.
 
-        The hot path: the common checks are inlined; anything unusual goes to :meth:`_slow`.
+        The hot path: one call per record; the per-value type check has a slow path of its own.
         """
         if len(value) > self.max_bytes:
             raise BadRecord("too_large", f"{len(value)} bytes > limits.max_record_bytes={self.max_bytes}")
