@@ -17,6 +17,15 @@ from worker.models import build_model
 #: The reference model of the speed goals: StandardScaler | LogisticRegression on Agrawal.
 REFERENCE_PIPELINE = [{"preprocessing.StandardScaler": {}}, {"linear_model.LogisticRegression": {}}]
 
+#: The model families of the core issue, as worker pipeline specs (ARF seeded).
+FAMILIES = {
+    "StandardScaler|LogisticRegression": REFERENCE_PIPELINE,
+    "HoeffdingTreeClassifier": [{"tree.HoeffdingTreeClassifier": {}}],
+    "GaussianNB": [{"naive_bayes.GaussianNB": {}}],
+    "KNNClassifier": [{"neighbors.KNNClassifier": {}}],
+    "ARFClassifier": [{"forest.ARFClassifier": {"seed": 42}}],
+}
+
 
 def agrawal(n: int, seed: int = 42) -> list[tuple[dict, int]]:
     """``n`` pre-decoded records (features, label) of river's Agrawal generator."""

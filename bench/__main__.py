@@ -1,0 +1,235 @@
+"""The benchmark suite: every benchmark on the same records and machine, in one run.
+
+    python -m bench [--quick] [--records N] [--repeat R] [--only SECTION ...] [--brokers tansu,kafka]
+
+Sections (``--only`` takes any of them, comma-separated or repeated):
+
+- ``limit``: the plain river loop (``predict_one`` then ``learn_one``) over pre-decoded
+  Agrawal records, for each model family: the ceiling no worker can beat;
+- ``file``: this worker on the file transport, alternated with the plain loop;
+- ``kafka``: on each broker, hand-written confluent-kafka loops (at-least-once,
+  transactional), Quix Streams (at-least-once, exactly-once) and this worker (at-least-once,
+  exactly-once), each against the plain loop measured right before it (``bench.contenders``);
+- ``latency``: record-to-prediction p50/p99 at half the worker's measured maximum rate;
+- ``scaling``: 1 vs 2 worker processes on a 4-partition topic (first broker only);
+- ``width``: throughput and RSS against record width, 10 -> 1,000 features.
+
+Writes ``bench/results/results.md``, ``results.json`` and ``throughput.png`` (``--out``).
+Headline figures are ratios measured in the same run: the median of ``--repeat``
+repetitions with their min and max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import contenders, harness, latency, scaling
+from bench.common import FAMILIES, REFERENCE_PIPELINE, agrawal, plain_loop, summary, write_jsonl
+from bench.file_transport import worker_run
+from bench.report import write_all
+
+SECTIONS = ("limit", "file", "kafka", "latency", "scaling", "width")
+#: KNN and ARF run ~1,000 records/s: they get fewer records than the others (rates are per record).
+SLOW_FAMILIES = {"KNNClassifier", "ARFClassifier"}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def limit(records: list, repeat: int, slow_records: int) -> list[dict]:
+    rows = []
+    for family, pipeline in FAMILIES.items():
+        data = records[:slow_records] if family in SLOW_FAMILIES else records
+        rates = [len(data) / plain_loop(data, pipeline) for _ in range(repeat)]
+        rows.append({"family": family, "records": len(data), "rates": rates, "rate": summary(rates)})
+        log(f"  {family}: {statistics.median(rates):,.0f} rec/s over {len(data):,} records")
+    return rows
+
+
+def file_worker(records: list, repeat: int) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-file-"))
+    data = write_jsonl(records, workdir / "events.jsonl")
+    rates, plain_rates, ratios = [], [], []
+    for _ in range(repeat):
+        p = plain_loop(records)
+        w = worker_run(data, workdir)
+        rates.append(len(records) / w)
+        plain_rates.append(len(records) / p)
+        ratios.append(p / w)
+        log(f"  file worker: {rates[-1]:,.0f} rec/s = {ratios[-1]:.2f} of the plain loop")
+    shutil.rmtree(workdir, ignore_errors=True)
+    return {"contender": "worker_file", "label": "this worker, file transport", "broker": "-", "records": len(records),
+            "rates": rates, "plain_rates": plain_rates, "ratios": ratios, "errors": []}
+
+
+def width(widths: list[int], records: int, repeat: int) -> list[dict]:
+    rows = []
+    workdir = Path(tempfile.mkdtemp(prefix="bench-width-"))
+    for features in widths:
+        n = min(records, max(500, 1_000_000 // features))
+        from bench.width import write_data
+
+        data = write_data(workdir / f"w{features}.jsonl", n, features)
+        row: dict = {"features": features, "records": n}
+        for contender in ("plain", "file"):
+            cmd = harness.python_cmd("bench.width", "--features", str(features), "--records", str(n),
+                                     "--contender", contender, "--data", str(data))
+            runs = [harness.run(cmd, 300) for _ in range(repeat)]
+            rates = [r["records"] / r["seconds"] for r in runs]
+            row[contender] = {"rates": rates, "rate": summary(rates), "rss_mb": max(r["rss_mb"] for r in runs)}
+        row["ratio"] = row["file"]["rate"]["median"] / row["plain"]["rate"]["median"]
+        log(f"  {features} features: plain {row['plain']['rate']['median']:,.0f} rec/s, "
+            f"file worker {row['file']['rate']['median']:,.0f} rec/s ({row['ratio']:.2f}), "
+            f"RSS {row['plain']['rss_mb']:.0f} / {row['file']['rss_mb']:.0f} MB")
+        rows.append(row)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return rows
+
+
+def ensure_quix() -> None:
+    """Quix Streams lives in its own virtualenv (it pins confluent-kafka < 2.13); create it once."""
+    venv = harness.QUIX_VENV
+    if (venv / "bin" / "python").exists():
+        return
+    log(f"installing Quix Streams into {venv} (once)")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "quixstreams"], check=True, timeout=600)
+    except (subprocess.SubprocessError, OSError) as exc:
+        log(f"  could not install Quix Streams ({exc}): its rows will say so")
+        shutil.rmtree(venv, ignore_errors=True)
+
+
+def versions() -> dict:
+    import confluent_kafka
+    import river
+
+    quix = harness.QUIX_VENV / "bin" / "python"
+    quix_version = None
+    if quix.exists():
+        res = subprocess.run([str(quix), "-c", "import quixstreams; print(quixstreams.__version__)"],
+                             capture_output=True, text=True, timeout=60)
+        quix_version = res.stdout.strip() or None
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
+    return {"python": platform.python_version(), "river": river.__version__,
+            "confluent_kafka": confluent_kafka.__version__, "quixstreams": quix_version,
+            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "load_at_start": load}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few records, one repetition (a smoke run)")
+    parser.add_argument("--records", type=int, help="records per measurement (default 30,000; quick 1,000)")
+    parser.add_argument("--repeat", type=int, help="repetitions (default 3; quick 1)")
+    parser.add_argument("--only", action="append", help=f"run only these sections: {', '.join(SECTIONS)}")
+    parser.add_argument("--brokers", default=None, help="comma-separated: tansu, kafka (default both; quick: tansu)")
+    parser.add_argument("--contenders", help=f"Kafka contenders to run (default all): {', '.join(contenders.CONTENDERS)}")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+
+    n = args.records or (1_000 if args.quick else 30_000)
+    repeat = args.repeat or (1 if args.quick else 3)
+    only = {s for item in (args.only or SECTIONS) for s in item.split(",")}
+    unknown = only - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    brokers = (args.brokers or ("tansu" if args.quick else "tansu,kafka")).split(",")
+    names = args.contenders.split(",") if args.contenders else list(contenders.CONTENDERS)
+    if "kafka" in only and any(c.startswith("quix") for c in names) and not args.quick:
+        ensure_quix()
+
+    started = time.monotonic()
+    records = agrawal(n)
+    values = harness.encode(records)
+    results: dict = {"meta": {**versions(), "records": n, "repeat": repeat, "quick": args.quick,
+                              "model": " | ".join(next(iter(s)) for s in REFERENCE_PIPELINE),
+                              "brokers": brokers, "started": time.strftime("%Y-%m-%d %H:%M:%S")}}
+    throughput: list[dict] = []
+    if "limit" in only:
+        log("== the limit: plain river loop per model family")
+        results["limit"] = limit(records, repeat, slow_records=min(n, 300 if args.quick else 3_000))
+    if "file" in only:
+        log("== this worker on the file transport")
+        throughput.append(file_worker(records, repeat))
+    latencies: list[dict] = []
+    for i, name in enumerate(brokers):
+        if not only & {"kafka", "latency", "scaling"}:
+            break
+        log(f"== starting {name}")
+        with harness.broker(name) as (bootstrap, consumer_conf):
+            if "kafka" in only:
+                log(f"== Kafka contenders on {name}")
+                throughput += contenders.measure(name, bootstrap, consumer_conf, records, values, names, repeat, log)
+            if "latency" in only:
+                for delivery, short in (("at_least_once", "worker_alo"), ("exactly_once", "worker_eos")):
+                    rate = _max_rate(throughput, name, short) or _probe_rate(name, bootstrap, consumer_conf, records,
+                                                                             values, short)
+                    seconds = 3.0 if args.quick else 10.0
+                    log(f"== latency on {name}, {delivery}, at {rate / 2:,.0f} rec/s for {seconds:.0f} s")
+                    try:
+                        lat = latency.measure(bootstrap, consumer_conf, delivery, rate / 2, seconds, records)
+                    except harness.ChildFailed as exc:
+                        lat = {"delivery": delivery, "error": str(exc)}
+                    lat.update(broker=name, max_rate=rate)
+                    latencies.append(lat)
+                    log(f"  p50 {lat.get('p50_ms')} ms, p99 {lat.get('p99_ms')} ms")
+            if "scaling" in only and i == 0:
+                log(f"== scaling on {name}: 1 vs 2 processes, 4 partitions")
+                results["scaling"] = _scaling(name, bootstrap, consumer_conf, agrawal(2 * n, seed=7), repeat)
+    results["throughput"] = throughput
+    results["latency"] = latencies
+    if "width" in only:
+        log("== cost growth with record width")
+        widths = [10, 100] if args.quick else [10, 100, 1000]
+        results["width"] = width(widths, n, 1 if args.quick else 2)
+    results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
+    paths = write_all(results, args.out)
+    log(f"== done in {results['meta']['duration_s']:.0f} s: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _max_rate(rows: list[dict], broker: str, contender: str) -> float | None:
+    for row in rows:
+        if row["broker"] == broker and row["contender"] == contender and row["rates"]:
+            return statistics.median(row["rates"])
+    return None
+
+
+def _probe_rate(broker: str, bootstrap: str, consumer_conf: dict, records: list, values: list, contender: str) -> float:
+    rows = contenders.measure(broker, bootstrap, consumer_conf, records, values, [contender], 1, log)
+    if not rows[0]["rates"]:
+        raise SystemExit(f"could not measure the worker's maximum rate: {rows[0]['errors']}")
+    return rows[0]["rates"][0]
+
+
+def _scaling(broker: str, bootstrap: str, consumer_conf: dict, records: list, repeat: int) -> dict:
+    values = harness.encode(records)
+    runs: dict[int, list[float]] = {1: [], 2: []}
+    errors = []
+    for _ in range(repeat):
+        for processes in (1, 2):
+            try:
+                res = scaling.measure(bootstrap, consumer_conf, values, processes)
+            except harness.ChildFailed as exc:
+                errors.append(str(exc))
+                log(f"  {processes} process(es): FAILED ({exc})")
+                continue
+            runs[processes].append(res["rate"])
+            log(f"  {processes} process(es): {res['rate']:,.0f} rec/s (records per process {res['per_process']})")
+    ratios = [b / a for a, b in zip(runs[1], runs[2])]
+    return {"broker": broker, "records": len(records), "delivery": "exactly_once", "one": runs[1], "two": runs[2],
+            "ratios": ratios, "ratio": summary(ratios) if ratios else None, "errors": errors}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

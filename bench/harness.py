@@ -1,0 +1,151 @@
+"""Plumbing shared by the broker benchmarks: brokers, topics, child processes, timing.
+
+Every contender runs in a child process of its own (so no librdkafka thread or heap of one
+run lingers into the next) and prints one JSON line on stdout at the end::
+
+    {"records": 30000, "seconds": 1.92}
+
+``seconds`` always spans the same thing: from the moment the first input record reached
+the contender (after it joined the group and was assigned its partitions) to the moment its
+last outputs and offsets were committed. Input topics are filled before the contender starts.
+Children run in their own session, are bounded in time and, on overrun, killed by pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import orjson
+
+REPO = Path(__file__).resolve().parents[1]
+#: Where Quix Streams is installed: its own virtualenv, because it pins confluent-kafka < 2.13
+#: and the worker's environment must keep its own client version.
+QUIX_VENV = Path(os.environ.get("BENCH_QUIX_VENV", Path.home() / ".cache" / "worker-bench" / "quix-venv"))
+
+
+class ChildFailed(RuntimeError):
+    """A contender exited without its result line (or ran over its time bound)."""
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def encode(records: Sequence[tuple[dict, int]]) -> list[bytes]:
+    """The records as every contender reads them: ``{"id", "x", "y"}`` JSON."""
+    return [orjson.dumps({"id": i, "x": x, "y": y}) for i, (x, y) in enumerate(records)]
+
+
+def json_arg(value: dict) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+# -- brokers -----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def broker(name: str) -> Iterator[tuple[str, dict]]:
+    """Start ``tansu`` or ``kafka`` (Apache Kafka 4.x, KRaft) on 127.0.0.1; yield (bootstrap, consumer overrides)."""
+    sys.path.insert(0, str(REPO))
+    from tests.brokers import TANSU_CONSUMER_OVERRIDES, ApacheKafka, Tansu
+
+    b = Tansu() if name == "tansu" else ApacheKafka()
+    b.start()
+    try:
+        yield b.bootstrap, dict(TANSU_CONSUMER_OVERRIDES) if name == "tansu" else {}
+    finally:
+        b.stop()
+        if isinstance(b, ApacheKafka):
+            b.cleanup()
+
+
+def fill(bootstrap: str, topic: str, values: Sequence[bytes], partitions: int = 1) -> None:
+    """Create ``topic`` and write ``values`` to it (round-robin over partitions), acknowledged."""
+    from worker.transports.kafka import RecordProducer, create_topics
+
+    create_topics(bootstrap, [topic], partitions=partitions)
+    producer = RecordProducer(bootstrap, **{"linger.ms": 5, "batch.num.messages": 10000})
+    for i, value in enumerate(values):
+        producer.send(topic, value, partition=i % partitions)
+    producer.flush()
+
+
+def outputs(tag: str) -> dict[str, str]:
+    """Output topic names of one run (created by the contender's producer on first use)."""
+    return {"predictions": f"{tag}-predictions", "drift": f"{tag}-drift", "metrics": f"{tag}-metrics",
+            "dead_letter": f"{tag}-dead"}
+
+
+# -- child processes -----------------------------------------------------------------------------
+def python_cmd(module: str, *args: str, venv: Path | None = None) -> list[str]:
+    exe = str(venv / "bin" / "python") if venv is not None else sys.executable
+    return [exe, "-m", module, *args]
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def start(cmd: list[str], log: Path | None = None) -> subprocess.Popen:
+    """Start a child in its own session (stdout piped, stderr to ``log`` or discarded)."""
+    err = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - closed by the child's end
+    try:
+        return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=err, start_new_session=True)
+    finally:
+        if log is not None:
+            err.close()
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> dict:
+    """Wait for the child's result line; on overrun SIGKILL it (by pid) and raise."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        raise ChildFailed(f"{' '.join(proc.args[:3])} ran over {timeout:.0f}s") from None
+    lines = [ln for ln in out.decode().splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise ChildFailed(f"{' '.join(proc.args[:3])} exited {proc.returncode} without a result")
+    return json.loads(lines[-1])
+
+
+def run(cmd: list[str], timeout: float, log: Path | None = None) -> dict:
+    return finish(start(cmd, log), timeout)
+
+
+def stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM the child (by pid), then SIGKILL it if it is still there after ``grace``."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(grace)
+
+
+def result(records: int, first: float | None, end: float | None, **extra: object) -> None:
+    """Print a child's result line (wall-clock ``first`` and ``end``, so processes can be compared)."""
+    seconds = (end - first) if first is not None and end is not None else None
+    print(json.dumps({"records": records, "seconds": seconds, "first": first, "end": end, **extra}), flush=True)
+
+
+class Deadline:
+    def __init__(self, seconds: float):
+        self.at = time.monotonic() + seconds
+
+    def passed(self) -> bool:
+        return time.monotonic() > self.at

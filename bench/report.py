@@ -1,0 +1,167 @@
+"""results.json, results.md (tables and the goals of issue 6) and throughput.png from one run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.common import summary
+
+#: Goals of the benchmark issue; None = not measured by this suite yet.
+ALO_GOAL, EOS_GOAL, QUIX_FACTOR, SCALE_GOAL = 0.9, 0.85, 2.5, 1.7
+P99_GOALS_MS = {"at_least_once": 25.0, "exactly_once": 250.0}
+
+
+def _spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    if not values:
+        return "-"
+    s = summary(values)
+    return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}-{fmt.format(s['max'])})"
+
+
+def _median(row: dict | None, key: str = "ratios") -> float | None:
+    return summary(row[key])["median"] if row and row.get(key) else None
+
+
+def goals(results: dict) -> list[dict]:
+    rows = []
+    by = {(r["broker"], r["contender"]): r for r in results.get("throughput", [])}
+    for broker in results["meta"]["brokers"]:
+        alo, eos, quix = (by.get((broker, c)) for c in ("worker_alo", "worker_eos", "quix_eos"))
+        if alo or eos:
+            for row, goal, what in ((eos, EOS_GOAL, "exactly-once"), (alo, ALO_GOAL, "at-least-once")):
+                m = _median(row)
+                rows.append({"goal": f"{what} >= {goal} of the plain loop ({broker})",
+                             "measured": None if m is None else f"{m:.2f}", "met": None if m is None else m >= goal})
+            e, q = _median(eos), _median(quix)
+            rows.append({"goal": f"exactly-once >= {QUIX_FACTOR}x Quix Streams exactly-once ({broker})",
+                         "measured": None if e is None or q is None else f"{e / q:.2f}x",
+                         "met": None if e is None or q is None else e / q >= QUIX_FACTOR})
+    for lat in results.get("latency", []):
+        goal = P99_GOALS_MS[lat["delivery"]]
+        p99 = lat.get("p99_ms")
+        rows.append({"goal": f"p99 < {goal:.0f} ms {lat['delivery'].replace('_', '-')} at half load ({lat['broker']})",
+                     "measured": None if p99 is None else f"{p99:.1f} ms", "met": None if p99 is None else p99 < goal})
+    sc = results.get("scaling")
+    if sc:
+        m = sc["ratio"]["median"] if sc.get("ratio") else None
+        rows.append({"goal": f"2 processes >= {SCALE_GOAL}x one ({sc['broker']}, 2 cores shared with the broker)",
+                     "measured": None if m is None else f"{m:.2f}x", "met": None if m is None else m >= SCALE_GOAL})
+    rows.append({"goal": "opt-in mini-batch path >= 3x the per-record limit", "measured": "not measured: no mini-batch "
+                 "path in the worker yet", "met": None})
+    rows.append({"goal": "RabbitMQ >= 0.9 of a plain asynchronous pika loop", "measured": "not measured: no RabbitMQ "
+                 "transport yet", "met": None})
+    return rows
+
+
+def markdown(results: dict) -> str:
+    meta = results["meta"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"`python -m bench{' --quick' if meta['quick'] else ''}` (records {meta['records']:,}, {meta['repeat']} "
+        f"repetition(s)), started {meta['started']}, {meta.get('duration_s', '?')} s. Machine: {meta['machine']}; "
+        f"load average at start {' '.join(meta.get('load_at_start', []))}. Python {meta['python']}, river {meta['river']}, "
+        f"confluent-kafka {meta['confluent_kafka']}, Quix Streams {meta['quixstreams'] or 'not installed'}.",
+        "",
+        "Ratios are taken against the plain river loop measured in the same run (for Kafka, right before each "
+        "repetition), as median (min-max) over the repetitions. Absolute rates move with the machine's load; the "
+        "ratios much less. Kafka timings run from the first record received (after the group join) to the last "
+        "commit of outputs and offsets; input topics are filled beforehand.",
+    ]
+    if results.get("limit"):
+        lines += ["", "## The limit: plain river loop (predict_one then learn_one, pre-decoded Agrawal)", "",
+                  "| model | records | records/s |", "|---|---:|---:|"]
+        for r in results["limit"]:
+            lines.append(f"| {r['family']} | {r['records']:,} | {_spread(r['rates'], '{:,.0f}')} |")
+    if results.get("throughput"):
+        lines += ["", f"## Throughput against the plain loop ({meta['model']})", "",
+                  "| contender | broker | records/s | plain loop records/s | ratio to plain loop |",
+                  "|---|---|---:|---:|---:|"]
+        for r in results["throughput"]:
+            if r["rates"]:
+                lines.append(f"| {r['label']} | {r['broker']} | {_spread(r['rates'], '{:,.0f}')} | "
+                             f"{_spread(r['plain_rates'], '{:,.0f}')} | **{_spread(r['ratios'])}** |")
+            else:
+                lines.append(f"| {r['label']} | {r['broker']} | not measured: {'; '.join(r['errors'][:1])} | | |")
+    if results.get("latency"):
+        lines += ["", "## Latency, record to prediction (read_committed reader), at half the worker's max rate", "",
+                  "| delivery | broker | rate (records/s) | p50 ms | p99 ms | max ms | received/sent |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for r in results["latency"]:
+            if r.get("p99_ms") is None:
+                lines.append(f"| {r['delivery']} | {r['broker']} | not measured: {r.get('error', 'no predictions')} | | | | |")
+                continue
+            lines.append(f"| {r['delivery']} | {r['broker']} | {r['rate']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                         f"{r['max_ms']:.1f} | {r['received']:,}/{r['sent']:,} |")
+    sc = results.get("scaling")
+    if sc:
+        lines += ["", f"## Scaling: 1 vs 2 worker processes, 4 partitions, {sc['delivery']} on {sc['broker']}", "",
+                  "The machine has 2 cores, shared by the broker, the producer and the worker processes.", "",
+                  "| processes | records/s |", "|---|---:|",
+                  f"| 1 | {_spread(sc['one'], '{:,.0f}')} |", f"| 2 | {_spread(sc['two'], '{:,.0f}')} |",
+                  "", f"Ratio 2/1: **{_spread(sc['ratios'])}**" + (f" (errors: {sc['errors']})" if sc["errors"] else "")]
+    if results.get("width"):
+        lines += ["", "## Cost growth with record width (StandardScaler | LogisticRegression, file worker vs plain loop)", "",
+                  "Plain-loop RSS excludes the pre-decoded records it holds; the worker's is its whole peak RSS.", "",
+                  "| features | records | plain records/s | worker records/s | ratio | plain RSS MB | worker RSS MB |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in results["width"]:
+            lines.append(f"| {r['features']:,} | {r['records']:,} | {_spread(r['plain']['rates'], '{:,.0f}')} | "
+                         f"{_spread(r['file']['rates'], '{:,.0f}')} | {r['ratio']:.2f} | {r['plain']['rss_mb']:.0f} | "
+                         f"{r['file']['rss_mb']:.0f} |")
+    lines += ["", "## Goals (issue 6)", "", "| goal | measured | met |", "|---|---|---|"]
+    for g in results["goals"]:
+        met = "-" if g["met"] is None else ("yes" if g["met"] else "**no**")
+        lines.append(f"| {g['goal']} | {g['measured'] or '-'} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results.get("throughput", []) if r["ratios"]]
+    width = results.get("width") or []
+    fig, axes = plt.subplots(1, 2 if width else 1, figsize=(13 if width else 8, 0.45 * len(rows) + 2.5), squeeze=False)
+    ax = axes[0][0]
+    labels = [f"{r['label']} ({r['broker']})" if r["broker"] != "-" else r["label"] for r in rows]
+    med = [summary(r["ratios"])["median"] for r in rows]
+    lo = [m - min(r["ratios"]) for m, r in zip(med, rows, strict=True)]
+    hi = [max(r["ratios"]) - m for m, r in zip(med, rows, strict=True)]
+    colors = ["tab:green" if r["contender"].startswith("worker") else "tab:gray" for r in rows]
+    ax.barh(range(len(rows)), med, xerr=[lo, hi], color=colors, capsize=3)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="black", linewidth=1, label="plain river loop")
+    ax.axvline(EOS_GOAL, color="tab:red", linestyle="--", linewidth=1, label=f"goal {EOS_GOAL} (exactly-once)")
+    ax.axvline(ALO_GOAL, color="tab:orange", linestyle=":", linewidth=1, label=f"goal {ALO_GOAL} (at-least-once)")
+    ax.set_xlabel("throughput / plain river loop (median, min-max)")
+    ax.set_title("Throughput against the limit, same run")
+    ax.legend(fontsize=7, loc="lower right")
+    if width:
+        ax2 = axes[0][1]
+        feats = [r["features"] for r in width]
+        for key, label in (("plain", "plain river loop"), ("file", "this worker (file)")):
+            ax2.plot(feats, [r[key]["rate"]["median"] for r in width], marker="o", label=label)
+        ax2.set_xscale("log")
+        ax2.set_yscale("log")
+        ax2.set_xlabel("features per record")
+        ax2.set_ylabel("records/s")
+        ax2.set_title("Cost growth with record width")
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_all(results: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    results["goals"] = goals(results)
+    paths = [out / "results.json", out / "results.md", out / "throughput.png"]
+    paths[0].write_text(json.dumps(results, indent=2) + "\n")
+    paths[1].write_text(markdown(results))
+    plot(results, paths[2])
+    return paths
