@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -54,8 +55,8 @@ rdlog = logging.getLogger("worker.kafka.rdkafka")
 
 #: Producer errors that mean another instance owns our transactional id or partitions.
 FENCED = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
-#: Consumer errors that only say the broker is (temporarily) unreachable.
-UNREACHABLE = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE})
+#: Client errors that mean no broker can be reached (one closed connection is not one of them).
+UNREACHABLE = frozenset({KafkaError._ALL_BROKERS_DOWN})
 TIMEOUT = 30.0  # bound on one blocking client call, seconds
 
 
@@ -275,6 +276,7 @@ class KafkaSink:
         self._committed: dict[str, int] = {}
         self._delivery_errors: list[KafkaError] = []
         self._c = {o: telemetry.kafka_commits.labels(outcome=o) for o in ("committed", "retried", "aborted", "fenced")}
+        self._call_timeout = min(TIMEOUT, float(conf.get("transaction.timeout.ms", 60000)) / 1000)
         self.producer = self._new_producer()
 
     def _new_producer(self) -> Producer:
@@ -375,7 +377,9 @@ class KafkaSink:
                 producer.begin_transaction()
                 self._in_txn = True
             if offsets:
-                producer.send_offsets_to_transaction(offsets, self.source.group_metadata(), TIMEOUT)
+                meta = self.source.group_metadata()
+                _bounded(lambda: producer.send_offsets_to_transaction(offsets, meta, self._call_timeout),
+                         self._call_timeout + 5.0)
             while True:
                 try:
                     producer.commit_transaction(TIMEOUT)
@@ -387,6 +391,11 @@ class KafkaSink:
                     self._c["retried"].inc()
                     self.telemetry.set_ready(False)
                     log.warning("commit_transaction will be retried: %s", err)
+        except _Stuck as exc:
+            self._c["aborted"].inc()
+            log.error("%s: abandoning the producer for a new one (same transactional id)", exc)
+            self.producer = self._new_producer()  # fences the stuck one and aborts its transaction
+            raise Rewind(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - any failure inside a transaction aborts it
             self._failed(exc, "commit")
         self._in_txn = False
@@ -456,6 +465,35 @@ class KafkaSink:
             self.producer.flush(10)
         except KafkaException as exc:
             log.warning("closing the producer: %s", exc)
+
+
+class _Stuck(Exception):
+    pass
+
+
+def _bounded(fn: Any, timeout: float) -> Any:
+    """Run a blocking client call in a helper thread and give up waiting after ``timeout``.
+
+    librdkafka's ``send_offsets_to_transaction`` can block past its own timeout when the group
+    coordinator went away (confluentinc/librdkafka#5456, #5511); the caller then abandons
+    the producer instead of hanging (and ignoring SIGTERM) forever.
+    """
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            result["error"] = exc
+
+    thread = threading.Thread(target=call, name="kafka-bounded-call", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise _Stuck(f"a transactional call did not return within {timeout:.0f}s")
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
 
 
 def _retry(fn: Any, what: str, attempts: int = 5) -> Any:
