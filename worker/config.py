@@ -143,6 +143,12 @@ class ModelSettings(_Section):
     anomaly_threshold: float | None = Field(
         None, description="Anomaly: when set, prediction = score >= threshold."
     )
+    mini_batch: int = Field(
+        0,
+        ge=0,
+        description="Opt-in: predict then learn groups of this many records at once with river's "
+        "predict_many/learn_many (linear models, naive Bayes); 0 = record by record.",
+    )
 
 
 class ConceptDriftSettings(_Section):
@@ -330,7 +336,11 @@ def load_settings(
         raise _format_errors(exc) from None
     from worker.models import build_model  # late import: models imports config types
 
-    build_model(settings.model)
+    model = build_model(settings.model)
+    if settings.model.mini_batch > 1:
+        from worker.models import check_mini_batch
+
+        check_mini_batch(settings, model)
     if settings.monitor.drift.concept.detector is not None:
         from worker.models.spec import build_estimator
 

@@ -25,6 +25,7 @@ in the same order, once per batch.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,6 +41,8 @@ from worker.monitoring.telemetry import Telemetry
 from worker.policies import Challenger
 from worker.records import Outputs
 from worker.state import ShardState
+
+log = logging.getLogger("worker.learning")
 
 Step = Callable[[dict, Any], tuple[Any, Any]]
 
@@ -171,6 +174,7 @@ class Shard:
         self._every_records = s.monitor.every_records
         self._every_seconds = s.monitor.every_seconds
         self._concept_policy = s.monitor.drift.concept.policy
+        self._mini_batch = s.model.mini_batch
         self._freeze = s.monitor.drift.data.policy == "freeze"
         self._since_report = 0
         self._last_report = time.monotonic()
@@ -314,6 +318,11 @@ class Shard:
         outputs_all: list = []
         add_output = outputs_all.append
         n_pred = n_learn = 0
+        if self._mini_batch > 1:
+            done = self._predict_learn_many(records, frozen)
+            if done is not None:  # the loop below publishes and scores what was computed
+                results = iter(done)
+                step = lambda x, y: next(results)  # noqa: E731
         for i, (rid, key, x, y, ts, pos, value) in enumerate(records):
             try:
                 pred, extra = step(x, None if frozen is not None and frozen[i] else y)
@@ -350,6 +359,43 @@ class Shard:
             else:
                 n_pred += 1
         return n_pred, n_learn, labelled, outputs_all
+
+    def _predict_learn_many(self, records: list, frozen: list[bool] | None) -> list | None:
+        """Mini-batch mode: each group of ``model.mini_batch`` records is predicted with the model
+        as it was before the group, then learned at once (``predict_*_many`` then ``learn_many``).
+
+        Returns ``(prediction, probabilities)`` per record, or None to go record by record
+        (missing values in the group, or a model that refuses the frame).
+        """
+        import pandas as pd
+
+        model = self.state.model
+        classification = self.engine.task == "classification"
+        results: list = []
+        size = self._mini_batch
+        for start in range(0, len(records), size):
+            group = records[start : start + size]
+            X = pd.DataFrame([r[2] for r in group])
+            if X.isna().to_numpy().any() or any(t == object for t in X.dtypes):
+                return None
+            learn = [i for i, r in enumerate(group) if r[3] is not None and not (frozen and frozen[start + i])]
+            try:
+                if classification and self._with_proba:
+                    P = model.predict_proba_many(X)
+                    labels = P.columns.tolist()
+                    rows = P.to_numpy().tolist()
+                    results += [(labels[max(range(len(row)), key=row.__getitem__)] if row else None, dict(zip(labels, row)))
+                                for row in rows]
+                else:
+                    results += [(p, None) for p in model.predict_many(X).tolist()]
+                if learn:
+                    model.learn_many(X.iloc[learn], pd.Series([group[i][3] for i in learn], index=X.index[learn]))
+            except (TypeError, ValueError, KeyError) as exc:
+                if start == 0:
+                    log.warning("mini-batch refused, going record by record", extra={"error": repr(exc)})
+                    return None
+                raise
+        return results
 
     # -- policies --------------------------------------------------------------------------
     def _rebind(self) -> Step:

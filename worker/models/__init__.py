@@ -14,6 +14,7 @@ worker.errors.ModelSpecError: model.pipeline: the last step, GaussianNB, is not 
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import orjson
 from river import base, compose, utils
@@ -80,3 +81,23 @@ def spec_hash(settings: ModelSettings) -> str:
     """A stable hash of what defines the model: a snapshot of another spec is refused."""
     data = settings.model_dump(mode="json", include={"task", "pipeline", "selection"})
     return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+def check_mini_batch(settings: Any, model: base.Estimator) -> None:
+    """``model.mini_batch`` needs a model with the *_many methods and per-batch-only policies."""
+    steps = model.steps.values() if isinstance(model, compose.Pipeline) else [model]
+    task = settings.model.task
+    if task not in ("classification", "regression"):
+        raise ModelSpecError("model.mini_batch", f"mini-batches are for classification and regression, not {task}")
+    last = final_step(model)
+    predict = "predict_proba_many" if task == "classification" and settings.model.proba else "predict_many"
+    missing = [type(s).__name__ for s in steps if not hasattr(s, "learn_many")]
+    if not hasattr(last, predict):
+        missing.append(f"{type(last).__name__}.{predict}")
+    if missing:
+        raise ModelSpecError("model.mini_batch", f"these steps cannot learn in mini-batches: {', '.join(missing)}")
+    drift = settings.monitor.drift
+    if drift.concept.policy != "alert" or drift.data.policy != "alert":
+        raise ModelSpecError(
+            "model.mini_batch", "mini-batches act per batch: use the alert policy for concept and data drift"
+        )
