@@ -41,8 +41,11 @@ SECTIONS = ("limit", "file", "kafka", "latency", "scaling", "width")
 SLOW_FAMILIES = {"KNNClassifier", "ARFClassifier"}
 
 
+_T0 = time.monotonic()
+
+
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(f"[{time.monotonic() - _T0:5.0f}s] {message}", file=sys.stderr, flush=True)
 
 
 def limit(records: list, repeat: int, slow_records: int) -> list[dict]:
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few records, one repetition (a smoke run)")
     parser.add_argument("--records", type=int, help="records per measurement (default 30,000; quick 1,000)")
-    parser.add_argument("--repeat", type=int, help="repetitions (default 3; quick 1)")
+    parser.add_argument("--repeat", type=int, help="repetitions (default 5; quick 1)")
     parser.add_argument("--only", action="append", help=f"run only these sections: {', '.join(SECTIONS)}")
     parser.add_argument("--brokers", default=None, help="comma-separated: tansu, kafka (default both; quick: tansu)")
     parser.add_argument("--contenders", help=f"Kafka contenders to run (default all): {', '.join(contenders.CONTENDERS)}")
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     n = args.records or (1_000 if args.quick else 30_000)
-    repeat = args.repeat or (1 if args.quick else 3)
+    repeat = args.repeat or (1 if args.quick else 5)
     only = {s for item in (args.only or SECTIONS) for s in item.split(",")}
     unknown = only - set(SECTIONS)
     if unknown:
@@ -171,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"== Kafka contenders on {name}")
                 throughput += contenders.measure(name, bootstrap, consumer_conf, records, values, names, repeat, log)
             if "latency" in only:
-                for delivery, short in (("at_least_once", "worker_alo"), ("exactly_once", "worker_eos")):
+                modes = (("at_least_once", "worker_alo"), ("exactly_once", "worker_eos"))
+                for delivery, short in modes[1:] if args.quick else modes:  # quick: the exactly-once path only
                     rate = _max_rate(throughput, name, short) or _probe_rate(name, bootstrap, consumer_conf, records,
                                                                              values, short)
-                    seconds = 3.0 if args.quick else 10.0
+                    seconds = 2.0 if args.quick else 10.0
                     log(f"== latency on {name}, {delivery}, at {rate / 2:,.0f} rec/s for {seconds:.0f} s")
                     try:
                         lat = latency.measure(bootstrap, consumer_conf, delivery, rate / 2, seconds, records)
@@ -185,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"  p50 {lat.get('p50_ms')} ms, p99 {lat.get('p99_ms')} ms")
             if "scaling" in only and i == 0:
                 log(f"== scaling on {name}: 1 vs 2 processes, 4 partitions")
-                results["scaling"] = _scaling(name, bootstrap, consumer_conf, agrawal(2 * n, seed=7), repeat)
+                results["scaling"] = _scaling(name, bootstrap, consumer_conf, agrawal(2 * n, seed=7), repeat,
+                                              idle_stop=0.5 if args.quick else 2.0)
     results["throughput"] = throughput
     results["latency"] = latencies
     if "width" in only:
@@ -212,14 +217,14 @@ def _probe_rate(broker: str, bootstrap: str, consumer_conf: dict, records: list,
     return rows[0]["rates"][0]
 
 
-def _scaling(broker: str, bootstrap: str, consumer_conf: dict, records: list, repeat: int) -> dict:
+def _scaling(broker: str, bootstrap: str, consumer_conf: dict, records: list, repeat: int, idle_stop: float) -> dict:
     values = harness.encode(records)
     runs: dict[int, list[float]] = {1: [], 2: []}
     errors = []
     for _ in range(repeat):
         for processes in (1, 2):
             try:
-                res = scaling.measure(bootstrap, consumer_conf, values, processes)
+                res = scaling.measure(bootstrap, consumer_conf, values, processes, idle_stop)
             except harness.ChildFailed as exc:
                 errors.append(str(exc))
                 log(f"  {processes} process(es): FAILED ({exc})")

@@ -3,7 +3,7 @@
 The processes (``bench.worker_kafka``, exactly-once, one transactional id each, a shared
 file checkpoint store) join the group on an empty topic; once the group has settled (every
 partition owned, each process owning its share) the records are written, round-robin over
-the 4 partitions, and each process stops after 2 s without records. Throughput is
+the 4 partitions, and each process stops after ``idle_stop`` seconds without records. Throughput is
 ``records / (last commit of any process - first record of any process)``.
 
 This machine has 2 cores, shared by the broker, the producer and the workers: the ratio
@@ -20,7 +20,6 @@ from pathlib import Path
 from bench import harness as h
 
 PARTITIONS = 4
-IDLE_STOP = 2.0
 
 
 def _settled(status: list[Path], processes: int) -> bool:
@@ -31,7 +30,8 @@ def _settled(status: list[Path], processes: int) -> bool:
     return sum(owned) == PARTITIONS and all(o == PARTITIONS // processes for o in owned)
 
 
-def measure(bootstrap: str, consumer_conf: dict, values: list[bytes], processes: int, timeout: float = 180.0) -> dict:
+def measure(bootstrap: str, consumer_conf: dict, values: list[bytes], processes: int, idle_stop: float = 2.0,
+            timeout: float = 180.0) -> dict:
     from worker.transports.kafka import create_topics
 
     tag = h.unique(f"scale{processes}")
@@ -46,7 +46,7 @@ def measure(bootstrap: str, consumer_conf: dict, values: list[bytes], processes:
             cmd = h.python_cmd(
                 "bench.worker_kafka", "--bootstrap", bootstrap, "--topic", topic, "--tag", tag,
                 "--group", f"{tag}-group", "--transactional-id", f"{tag}-txn-{i}", "--store", str(workdir / "state"),
-                "--idle-stop", str(IDLE_STOP), "--status", str(status[i]), "--consumer-config", h.json_arg(consumer_conf),
+                "--idle-stop", str(idle_stop), "--status", str(status[i]), "--consumer-config", h.json_arg(consumer_conf),
             )
             procs.append(h.start(cmd, workdir / f"worker-{i}.log"))
         deadline = h.Deadline(60)
