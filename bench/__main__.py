@@ -10,7 +10,8 @@ Sections (``--only`` takes any of them, comma-separated or repeated):
 - ``kafka``: on each broker, hand-written confluent-kafka loops (at-least-once,
   transactional), Quix Streams (at-least-once, exactly-once) and this worker (at-least-once,
   exactly-once), each against the plain loop measured right before it (``bench.contenders``);
-- ``latency``: record-to-prediction p50/p99 at half the worker's measured maximum rate;
+- ``latency``: record-to-prediction p50/p99 at half the worker's measured maximum rate (and
+  at 1,000 records/s: the floor);
 - ``scaling``: 1 vs 2 worker processes on a 4-partition topic (first broker only);
 - ``width``: throughput and RSS against record width, 10 -> 1,000 features.
 
@@ -39,6 +40,8 @@ from bench.report import write_all
 SECTIONS = ("limit", "file", "kafka", "latency", "scaling", "width")
 #: KNN and ARF run ~1,000 records/s: they get fewer records than the others (rates are per record).
 SLOW_FAMILIES = {"KNNClassifier", "ARFClassifier"}
+#: The latency floor is taken at this rate (records/s), besides half the worker's maximum.
+LOW_RATE = 1_000.0
 
 
 _T0 = time.monotonic()
@@ -174,19 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"== Kafka contenders on {name}")
                 throughput += contenders.measure(name, bootstrap, consumer_conf, records, values, names, repeat, log)
             if "latency" in only:
-                modes = (("at_least_once", "worker_alo"), ("exactly_once", "worker_eos"))
-                for delivery, short in modes[1:] if args.quick else modes:  # quick: the exactly-once path only
-                    rate = _max_rate(throughput, name, short) or _probe_rate(name, bootstrap, consumer_conf, records,
-                                                                             values, short)
-                    seconds = 2.0 if args.quick else 10.0
-                    log(f"== latency on {name}, {delivery}, at {rate / 2:,.0f} rec/s for {seconds:.0f} s")
-                    try:
-                        lat = latency.measure(bootstrap, consumer_conf, delivery, rate / 2, seconds, records)
-                    except harness.ChildFailed as exc:
-                        lat = {"delivery": delivery, "error": str(exc)}
-                    lat.update(broker=name, max_rate=rate)
-                    latencies.append(lat)
-                    log(f"  p50 {lat.get('p50_ms')} ms, p99 {lat.get('p99_ms')} ms")
+                latencies += _latency(name, bootstrap, consumer_conf, records, values, throughput, args.quick)
             if "scaling" in only and i == 0:
                 log(f"== scaling on {name}: 1 vs 2 processes, 4 partitions")
                 results["scaling"] = _scaling(name, bootstrap, consumer_conf, agrawal(2 * n, seed=7), repeat,
@@ -201,6 +192,26 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_all(results, args.out)
     log(f"== done in {results['meta']['duration_s']:.0f} s: " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _latency(broker: str, bootstrap: str, consumer_conf: dict, records: list, values: list, throughput: list,
+             quick: bool) -> list[dict]:
+    """At half the worker's maximum rate (the goals), and at a low rate (the floor: batching, linger, commits)."""
+    rows = []
+    modes = (("at_least_once", "worker_alo"), ("exactly_once", "worker_eos"))
+    for delivery, short in modes[1:] if quick else modes:  # quick: the exactly-once path only
+        top = _max_rate(throughput, broker, short) or _probe_rate(broker, bootstrap, consumer_conf, records, values, short)
+        for load, rate in [("half", top / 2)] + ([] if quick else [("low", LOW_RATE)]):
+            seconds = 2.0 if quick else 10.0
+            log(f"== latency on {broker}, {delivery}, at {rate:,.0f} rec/s for {seconds:.0f} s")
+            try:
+                lat = latency.measure(bootstrap, consumer_conf, delivery, rate, seconds, records)
+            except harness.ChildFailed as exc:
+                lat = {"delivery": delivery, "rate": rate, "error": str(exc)}
+            lat.update(broker=broker, load=load, max_rate=top)
+            rows.append(lat)
+            log(f"  p50 {lat.get('p50_ms') or 0:.1f} ms, p99 {lat.get('p99_ms') or 0:.1f} ms")
+    return rows
 
 
 def _max_rate(rows: list[dict], broker: str, contender: str) -> float | None:

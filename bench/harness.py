@@ -32,6 +32,13 @@ REPO = Path(__file__).resolve().parents[1]
 QUIX_VENV = Path(os.environ.get("BENCH_QUIX_VENV", Path.home() / ".cache" / "worker-bench" / "quix-venv"))
 
 
+#: tansu 0.6 answers a fetch only when ``fetch.wait.max.ms`` has passed, even when records are
+#: there (one record, produced then consumed: 200 ms median at librdkafka's 500 ms default,
+#: 2 ms at 10 ms). Every consumer on tansu (every contender alike) gets this, or latencies
+#: would measure tansu's wait instead of the consumers.
+TANSU_FETCH = {"fetch.wait.max.ms": 10}
+
+
 class ChildFailed(RuntimeError):
     """A contender exited without its result line (or ran over its time bound)."""
 
@@ -52,14 +59,17 @@ def json_arg(value: dict) -> str:
 # -- brokers -----------------------------------------------------------------------------------
 @contextlib.contextmanager
 def broker(name: str) -> Iterator[tuple[str, dict]]:
-    """Start ``tansu`` or ``kafka`` (Apache Kafka 4.x, KRaft) on 127.0.0.1; yield (bootstrap, consumer overrides)."""
+    """Start ``tansu`` or ``kafka`` (Apache Kafka 4.x, KRaft) on 127.0.0.1; yield (bootstrap, consumer overrides).
+
+    On tansu the overrides are TANSU_CONSUMER_OVERRIDES (group joins) and TANSU_FETCH.
+    """
     sys.path.insert(0, str(REPO))
     from tests.brokers import TANSU_CONSUMER_OVERRIDES, ApacheKafka, Tansu
 
     b = Tansu() if name == "tansu" else ApacheKafka()
     b.start()
     try:
-        yield b.bootstrap, dict(TANSU_CONSUMER_OVERRIDES) if name == "tansu" else {}
+        yield b.bootstrap, {**TANSU_CONSUMER_OVERRIDES, **TANSU_FETCH} if name == "tansu" else {}
     finally:
         if isinstance(b, ApacheKafka):
             b.stop()
