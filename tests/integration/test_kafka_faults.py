@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -63,7 +66,15 @@ def test_failures_inside_transactions_abort_and_rewind(kafka, tmp_path):
     tel = Telemetry()
     engine = Engine(settings, tel)
     source, sink = open_kafka(settings, tel)
-    sink.producer = FlakyProducer(sink.producer, fail_produce_at={2500}, fail_offsets_at={4, 9})
+    flaky = FlakyProducer(sink.producer, fail_produce_at={2500}, fail_offsets_at={4, 9})
+    sink.producer = flaky
+    new_producer = sink._new_producer
+
+    def replacement():  # a producer re-created after a failed abort stays flaky
+        flaky.real = new_producer()
+        return flaky
+
+    sink._new_producer = replacement
     runtime = Runtime(engine, source, sink, open_store(settings.checkpoint.store, settings))
     thread = threading.Thread(target=runtime.run, daemon=True)
     thread.start()
@@ -86,12 +97,36 @@ def test_broker_restart_resumes_by_itself(kafka, workers, tmp_path):
         kwargs={"rate": 600, "partitions": 2, "stop": stop}, daemon=True,
     )
     feeder.start()
-    w = workers(worker_config(kafka, topics, tmp_path), "w").start()
+    cfg = worker_config(kafka, topics, tmp_path)
+    cfg["telemetry"]["port"] = 0
+    w = workers(cfg, "w").start()
     assert w.wait_for("partitions assigned", 30), w.log()
+    port = int(re.search(r"telemetry listening port=(\d+)", w.log()).group(1))
+    statuses: list[int] = []
+    watching = threading.Event()
+    watching.set()
+
+    def watch_readyz() -> None:
+        while watching.is_set():
+            try:
+                statuses.append(urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status)
+            except urllib.error.HTTPError as exc:
+                statuses.append(exc.code)
+            except OSError:
+                pass
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch_readyz, daemon=True)
+    watcher.start()
     time.sleep(2.0)
     kafka.restart(hard=True)  # SIGKILL the broker, start it again on the same log dir and ports
     feeder.join(timeout=60)
     preds = read_outputs(kafka, topics.predictions, lambda out: len(out) >= len(records), timeout=120)
+    time.sleep(0.5)
+    watching.clear()
+    watcher.join(timeout=5)
     assert w.proc.poll() is None, "the worker died with the broker:\n" + w.log()
     assert w.stop() == 0, w.log()
     check_exactly_once(preds, records, topics.input)
+    assert 503 in statuses, "/readyz never said 'not ready' while the broker was down"
+    assert statuses[-1] == 200, "/readyz did not come back"

@@ -379,10 +379,10 @@ class KafkaSink:
             if offsets:
                 meta = self.source.group_metadata()
                 _bounded(lambda: producer.send_offsets_to_transaction(offsets, meta, self._call_timeout),
-                         self._call_timeout + 5.0)
+                         self._call_timeout + 5.0, on_slow=lambda: self.telemetry.set_ready(False))
             while True:
                 try:
-                    producer.commit_transaction(TIMEOUT)
+                    producer.commit_transaction(self._call_timeout)
                     break
                 except KafkaException as exc:
                     err = _err(exc)
@@ -471,7 +471,7 @@ class _Stuck(Exception):
     pass
 
 
-def _bounded(fn: Any, timeout: float) -> Any:
+def _bounded(fn: Any, timeout: float, on_slow: Any = None) -> Any:
     """Run a blocking client call in a helper thread and give up waiting after ``timeout``.
 
     librdkafka's ``send_offsets_to_transaction`` can block past its own timeout when the group
@@ -488,7 +488,10 @@ def _bounded(fn: Any, timeout: float) -> Any:
 
     thread = threading.Thread(target=call, name="kafka-bounded-call", daemon=True)
     thread.start()
-    thread.join(timeout)
+    thread.join(min(1.0, timeout))
+    if thread.is_alive() and on_slow is not None:
+        on_slow()  # more than a second for one call: the brokers are in trouble
+    thread.join(max(0.0, timeout - 1.0))
     if thread.is_alive():
         raise _Stuck(f"a transactional call did not return within {timeout:.0f}s")
     if "error" in result:
