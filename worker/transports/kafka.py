@@ -647,7 +647,11 @@ class OutputReader:
             {"bootstrap.servers": bootstrap, "group.id": f"worker-reader-{time.time_ns()}", "enable.auto.commit": False,
              "auto.offset.reset": "earliest", "isolation.level": "read_committed", "logger": rdlog, **conf}
         )
-        self.consumer.subscribe(topics)
+        # assign every partition (no group join: quick, also on brokers with slow joins)
+        md = self.consumer.list_topics(timeout=TIMEOUT)
+        self.consumer.assign([
+            TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in (md.topics[t].partitions if t in md.topics else {})
+        ])
 
     def poll(self, timeout: float, kinds: dict[str, str]) -> Outputs:
         """Messages that arrived, as :class:`Outputs` (``kinds``: output kind -> topic)."""
