@@ -647,14 +647,26 @@ class OutputReader:
             {"bootstrap.servers": bootstrap, "group.id": f"worker-reader-{time.time_ns()}", "enable.auto.commit": False,
              "auto.offset.reset": "earliest", "isolation.level": "read_committed", "logger": rdlog, **conf}
         )
-        # assign every partition (no group join: quick, also on brokers with slow joins)
+        # assign every partition (no group join: quick, also on brokers with slow joins);
+        # topics that do not exist yet are looked for again at most once a second
+        self._missing = set(topics)
+        self._looked = 0.0
+        self._assign_new()
+
+    def _assign_new(self) -> None:
+        self._looked = time.monotonic()
         md = self.consumer.list_topics(timeout=TIMEOUT)
-        self.consumer.assign([
-            TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in (md.topics[t].partitions if t in md.topics else {})
-        ])
+        found = [t for t in self._missing if t in md.topics and md.topics[t].error is None and md.topics[t].partitions]
+        if found:
+            self.consumer.incremental_assign(
+                [TopicPartition(t, p, OFFSET_BEGINNING) for t in found for p in md.topics[t].partitions]
+            )
+            self._missing.difference_update(found)
 
     def poll(self, timeout: float, kinds: dict[str, str]) -> Outputs:
         """Messages that arrived, as :class:`Outputs` (``kinds``: output kind -> topic)."""
+        if self._missing and time.monotonic() - self._looked > 1.0:
+            self._assign_new()
         by_topic = {t: k for k, t in kinds.items()}
         out = Outputs()
         lists = out.by_kind()
