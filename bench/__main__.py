@@ -36,6 +36,7 @@ from bench import contenders, harness, latency, scaling
 from bench.common import FAMILIES, REFERENCE_PIPELINE, agrawal, plain_loop, summary, write_jsonl
 from bench.file_transport import worker_run
 from bench.report import write_all
+from bench.width import write_data
 
 SECTIONS = ("limit", "file", "kafka", "latency", "scaling", "width")
 #: KNN and ARF run ~1,000 records/s: they get fewer records than the others (rates are per record).
@@ -82,8 +83,6 @@ def width(widths: list[int], records: int, repeat: int) -> list[dict]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-width-"))
     for features in widths:
         n = min(records, max(500, 1_000_000 // features))
-        from bench.width import write_data
-
         data = write_data(workdir / f"w{features}.jsonl", n, features)
         row: dict = {"features": features, "records": n}
         for contender in ("plain", "file"):

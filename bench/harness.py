@@ -109,7 +109,7 @@ def child_env() -> dict[str, str]:
 
 def start(cmd: list[str], log: Path | None = None) -> subprocess.Popen:
     """Start a child in its own session (stdout piped, stderr to ``log`` or discarded)."""
-    err = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - closed by the child's end
+    err = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - the child keeps its own copy
     try:
         return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=err, start_new_session=True)

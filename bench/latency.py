@@ -27,7 +27,8 @@ from bench.common import REFERENCE_PIPELINE
 WARMUP = 1.0
 
 
-def _config(path: Path, bootstrap: str, topic: str, tag: str, delivery: str, consumer_conf: dict, port: int) -> Path:
+def _config(path: Path, bootstrap: str, topic: str, tag: str, delivery: str, consumer_conf: dict, port: int,
+            overrides: dict | None = None) -> Path:
     config = {
         "source": {"type": "kafka", "kafka": {"bootstrap_servers": bootstrap, "topics": [topic], "group_id": f"{tag}-group",
                                               "consumer": consumer_conf, "transactional_id": f"{tag}-txn"}},
@@ -38,6 +39,8 @@ def _config(path: Path, bootstrap: str, topic: str, tag: str, delivery: str, con
         "telemetry": {"port": port, "host": "127.0.0.1", "log_level": "WARNING"},
         "delivery": delivery,
     }
+    for section, values in (overrides or {}).items():  # e.g. {"limits": {"batch_size": 50}}
+        config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
     cfg = path / f"{tag}.yaml"
     cfg.write_text(yaml.safe_dump(config))
     return cfg
@@ -75,8 +78,11 @@ def _produce(bootstrap: str, topic: str, records: list[tuple[dict, int]], rate: 
 
 
 def measure(bootstrap: str, consumer_conf: dict, delivery: str, rate: float, seconds: float,
-            records: list[tuple[dict, int]], timeout: float = 120.0) -> dict:
-    """p50/p99/max latency (ms) of ``seconds`` of records sent at ``rate`` per second."""
+            records: list[tuple[dict, int]], timeout: float = 120.0, overrides: dict | None = None) -> dict:
+    """p50/p99/max latency (ms) of ``seconds`` of records sent at ``rate`` per second.
+
+    ``overrides``: worker settings merged section by section into the configuration.
+    """
     from tests.brokers import free_port
     from worker.transports.kafka import create_topics
 
@@ -85,9 +91,8 @@ def measure(bootstrap: str, consumer_conf: dict, delivery: str, rate: float, sec
     create_topics(bootstrap, [topic, *h.outputs(tag).values()])
     workdir = Path(tempfile.mkdtemp(prefix="bench-latency-"))
     port = free_port()
-    worker = h.start([*h.python_cmd("worker", "run", "-c", str(_config(workdir, bootstrap, topic, tag, delivery,
-                                                                          consumer_conf, port)))],
-                     workdir / "worker.log")
+    config = _config(workdir, bootstrap, topic, tag, delivery, consumer_conf, port, overrides)
+    worker = h.start(h.python_cmd("worker", "run", "-c", str(config)), workdir / "worker.log")
     try:
         if not _ready(port, 60):
             raise h.ChildFailed(f"the worker was not ready in 60 s (log {workdir / 'worker.log'})")
