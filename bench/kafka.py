@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import shutil
 import statistics
@@ -89,7 +90,11 @@ def worker_run(bootstrap: str, topic: str, n: int, delivery: str, workdir: Path,
         close()
 
     timed.close = close_and_time  # type: ignore[method-assign]
-    runtime.run()
+    gc.freeze()  # as `worker run` does before its loop
+    try:
+        runtime.run()
+    finally:
+        gc.unfreeze()
     assert timed.first is not None and ended, "the worker consumed nothing"
     shutil.rmtree(state, ignore_errors=True)
     return ended[0] - timed.first

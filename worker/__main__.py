@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 runtime failure, 2 configuration error (the message nam
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import sys
@@ -52,6 +53,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         source, sink = open_transport(settings, telemetry)
         runtime = Runtime(engine, source, sink, store, key)
         runtime.install_signal_handlers()
+        # Everything alive now (modules, settings, clients) lives as long as the process:
+        # keep it out of the cyclic GC's full collections (~20% of the loop's time otherwise).
+        gc.freeze()
         return runtime.run()
     finally:
         if server is not None:
