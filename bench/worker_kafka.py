@@ -4,7 +4,7 @@
         [--delivery exactly_once|at_least_once] [--idle-stop SECONDS]
 
 The worker's own ``Runtime``, ``KafkaSource``/``KafkaSink`` (``open_kafka``) and file
-checkpoint store, configured as a user would (StandardScaler | LogisticRegression,
+checkpoint store, started as ``worker run`` starts them (``gc.freeze()`` before the loop) and configured as a user would (StandardScaler | LogisticRegression,
 probabilities, drift and metrics on, snapshots every 10,000 records, commits every 200 ms).
 Two thin wrappers only observe: the source notes when the first record arrived and stops
 the runtime after ``N`` records (or, with ``--idle-stop``, once nothing arrived for that
@@ -15,6 +15,7 @@ moved a position returned.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -133,6 +134,7 @@ def run(bootstrap: str, topic: str, tag: str, records: int | None, delivery: str
     obs = _Observer(records, idle_stop)
     runtime = Runtime(engine, TimedSource(source, obs, status), TimedSink(sink, obs), open_store(settings.checkpoint.store))
     obs.runtime = runtime
+    gc.freeze()  # as ``worker run`` does before its loop
     runtime.run()
     return obs
 
