@@ -21,6 +21,7 @@ was published, so nothing is published twice.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -47,6 +48,7 @@ class Runtime:
         sink: Sink,
         store: CheckpointStore | None = None,
         hmac_key: bytes | None = None,
+        stop_event: threading.Event | None = None,
     ):
         self.engine = engine
         self.source = source
@@ -55,7 +57,7 @@ class Runtime:
         self.hmac_key = hmac_key
         self.shards: dict[str, Shard] = {}
         self.publish_from: dict[str, int] = {}
-        self._stop = threading.Event()
+        self._stop = stop_event if stop_event is not None else threading.Event()
         cp = engine.settings.checkpoint
         self._cp_every_records = cp.every_records
         self._cp_every_seconds = cp.every_seconds
@@ -220,6 +222,9 @@ class Runtime:
         batch_size = settings.limits.batch_size
         tel = self.engine.telemetry
         started = time.monotonic()
+        # Everything alive now (modules, settings, clients) lives as long as the run: keep it
+        # out of the cyclic GC's full collections (about 20% of the loop's time otherwise).
+        gc.freeze()
         self.source.start(self)
         try:
             while not self._stop.is_set():
