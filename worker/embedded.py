@@ -23,7 +23,7 @@ from pathlib import Path
 from worker.errors import TransportError
 
 #: Consumer settings a worker needs on tansu (group joins take ~20 s with the default 45 s).
-CONSUMER_OVERRIDES: dict[str, int] = {"session.timeout.ms": 6000}
+CONSUMER_OVERRIDES: dict[str, int] = {"session.timeout.ms": 6000, "fetch.wait.max.ms": 10}  # tansu holds fetches for the full wait
 
 _TANSU_ENV = {"CLUSTER_ID", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE", "SCHEMA_REGISTRY",
               "OTEL_EXPORTER_OTLP_ENDPOINT"}
