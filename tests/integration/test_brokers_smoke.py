@@ -5,7 +5,7 @@ read_committed consumer; Apache Kafka additionally has to hide an aborted
 transaction from read_committed readers (Tansu does not: see brokers.py).
 
 A broker that cannot be started skips these tests, except under CI=true,
-where it fails them.
+where it fails them. The brokers are the session's (tests/integration/conftest.py).
 """
 
 from __future__ import annotations
@@ -17,30 +17,13 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 try:  # `tests` importable as a package (python -m pytest from the repo root)
-    from tests.brokers import TANSU_CONSUMER_OVERRIDES, ApacheKafka, Tansu, start_or_skip
+    from tests.brokers import TANSU_CONSUMER_OVERRIDES, Tansu
 except ImportError:  # rootdir-relative import (tests/ on sys.path)
-    from brokers import TANSU_CONSUMER_OVERRIDES, ApacheKafka, Tansu, start_or_skip
+    from brokers import TANSU_CONSUMER_OVERRIDES, Tansu
 
 pytestmark = pytest.mark.integration
 
 WAIT = 60.0  # bound on every consume loop, seconds
-
-
-@pytest.fixture(scope="module")
-def kafka(tmp_path_factory):
-    broker = ApacheKafka()
-    start_or_skip(broker, tmp_path_factory.mktemp("kafka"))
-    yield broker
-    broker.stop()
-    broker.cleanup()
-
-
-@pytest.fixture(scope="module")
-def tansu(tmp_path_factory):
-    broker = Tansu()
-    start_or_skip(broker, tmp_path_factory.mktemp("tansu"))
-    yield broker
-    broker.stop()
 
 
 @pytest.fixture(params=["kafka", "tansu"])
