@@ -216,7 +216,13 @@ class KafkaSource:
     def poll(self, max_records: int, timeout: float) -> list[Batch]:
         assert self.consumer is not None, "start() first"
         try:
-            msgs = self.consumer.consume(max_records, timeout)
+            # Take what is already fetched; only when nothing is, wait for the first record (not
+            # for a full batch: at low rates that wait would be added to every record's latency).
+            msgs = self.consumer.consume(max_records, 0)
+            if not msgs:
+                msgs = self.consumer.consume(1, timeout)
+                if msgs and max_records > 1:
+                    msgs += self.consumer.consume(max_records - 1, 0)
         except KafkaException as exc:
             raise SourceError(f"consume failed: {exc}") from exc
         if self._callback_error is not None:
