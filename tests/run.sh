@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the tests need on a fresh machine, then run them.
 #
-#   bash tests/run.sh [pytest args...]
+#   ./tests/run.sh [pytest args...]
 #
 # Idempotent: installs the package with its test extras, fetches the Apache Kafka jars
 # (Maven Central, cached), installs promtool for the deployment checks when apt is
