@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import operator
 import re
 from collections.abc import Callable
 from typing import Any
