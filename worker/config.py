@@ -247,6 +247,11 @@ class Settings(_Section):
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     delivery: Literal["exactly_once", "at_least_once"] = "exactly_once"
+    learner: Literal["process", "inline"] = Field(
+        "process",
+        description="Where the models learn: 'process' (a child process, so that learning overlaps with "
+        "decoding, encoding and the transport on another core) or 'inline' (this process; one core).",
+    )
 
 
 _PASS_THROUGH = ("config", "consumer", "producer")  # dicts of client settings with dotted keys

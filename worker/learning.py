@@ -27,92 +27,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from river import base
+from dataclasses import dataclass
 
 from worker.codec import BadRecord, Decoder, dumps, encode_dead_letter
 from worker.config import DistributionDriftSettings, Settings
-from worker.models import build_model, final_step, spec_hash, uses_imputer
-from worker.monitoring.drift import ConceptDrift, DistributionDrift
+from worker.learner import Learner, LearnerConfig, LearnResult, Request
+from worker.models import spec_hash, uses_imputer
+from worker.monitoring.drift import DistributionDrift
 from worker.monitoring.quality import quality_for
 from worker.monitoring.telemetry import Telemetry
-from worker.policies import Challenger
 from worker.records import Outputs
 from worker.state import ShardState
 
 log = logging.getLogger("worker.learning")
-
-Step = Callable[[dict, Any], tuple[Any, Any]]
-
-
-def make_step(model: base.Estimator, task: str, with_proba: bool = True, threshold: float | None = None) -> Step:
-    """The per-record test-then-train function for a task: ``step(x, y) -> (prediction, extra)``.
-
-    ``extra`` is the class probabilities (classification) or the anomaly score.
-    """
-    learn = model.learn_one
-    if task == "classification":
-        last = final_step(model)
-        predict = model.predict_one
-        predict_proba = model.predict_proba_one
-        derive = type(last).predict_one is base.Classifier.predict_one
-        if with_proba and getattr(last, "estimator", None) is not None and not hasattr(last.estimator, "predict_proba"):
-            with_proba = False  # e.g. compat-wrapped SGDClassifier(loss="hinge"): labels only
-        if with_proba and derive:
-
-            def step(x: dict, y: Any) -> tuple[Any, Any]:
-                proba = predict_proba(x)
-                pred = max(proba, key=proba.get) if proba else None
-                if y is not None:
-                    learn(x, y)
-                return pred, proba
-
-        elif with_proba:
-            has_proba = type(last).predict_proba_one is not base.Classifier.predict_proba_one
-
-            def step(x: dict, y: Any) -> tuple[Any, Any]:
-                proba = predict_proba(x) if has_proba else None
-                pred = predict(x)
-                if y is not None:
-                    learn(x, y)
-                return pred, proba
-
-        else:
-
-            def step(x: dict, y: Any) -> tuple[Any, Any]:
-                pred = predict(x)
-                if y is not None:
-                    learn(x, y)
-                return pred, None
-
-    elif task == "regression":
-        predict = model.predict_one
-
-        def step(x: dict, y: Any) -> tuple[Any, Any]:
-            pred = predict(x)
-            if y is not None:
-                learn(x, y)
-            return pred, None
-
-    elif task == "clustering":
-        predict = model.predict_one
-
-        def step(x: dict, y: Any) -> tuple[Any, Any]:
-            pred = predict(x)
-            learn(x)
-            return pred, None
-
-    else:  # anomaly
-        score_one = model.score_one
-
-        def step(x: dict, y: Any) -> tuple[Any, Any]:
-            score = score_one(x)
-            learn(x)
-            return (score >= threshold if threshold is not None else None), score
-
-    return step
 
 
 class Engine:
@@ -123,28 +53,20 @@ class Engine:
         self.task = settings.model.task
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self.spec = spec_hash(settings.model)
-        probe = build_model(settings.model)
+        self.learner = LearnerConfig(settings)
+        probe = self.learner.new_model()
         missing = settings.record.missing
         keep_missing = missing == "keep" or (missing == "auto" and uses_imputer(probe))
         self.decoder = Decoder(settings.record, settings.limits, self.task, keep_missing=keep_missing)
-
-    def new_model(self) -> base.Estimator:
-        return build_model(self.settings.model)
-
-    def new_concept_detector(self) -> ConceptDrift | None:
-        c = self.settings.monitor.drift.concept
-        if c.detector is None or self.task not in ("classification", "regression"):
-            return None
-        return ConceptDrift(c.detector, c.degradation_only)
 
     def new_state(self, shard: str) -> ShardState:
         """A fresh state: an untrained model from the spec, empty metrics and detectors."""
         m = self.settings.monitor
         return ShardState(
             shard=shard,
-            model=self.new_model(),
+            model=self.learner.new_model(),
             quality=quality_for(self.task, m.window),
-            concept=self.new_concept_detector(),
+            concept=self.learner.new_concept_detector(),
             data_drift=_distribution("data", m.drift.data),
             prediction_drift=_distribution("prediction", m.drift.prediction),
         )
@@ -161,26 +83,48 @@ def _distribution(signal: str, d: DistributionDriftSettings) -> DistributionDrif
     )
 
 
+@dataclass
+class Pending:
+    """A batch between :meth:`Shard.begin` and :meth:`Shard.finish`: decoded, not yet learned."""
+
+    out: Outputs
+    records: list  #: (id, key, x, y, ts, position, original bytes) of the records to learn
+    request: Request  #: what the learner is asked to do with them
+    events: list  #: data-drift events of the batch, published with the version of the model that saw it
+    n_filtered: int
+    last_position: int
+    first_position: int
+    now: float
+    publish_from: int
+    size: int
+    seconds: float
+
+
 class Shard:
-    """One shard's processing: call :meth:`process` with its messages in source order."""
+    """One shard's processing: call :meth:`process` with its messages in source order.
+
+    The runtime calls the two halves of :meth:`process` itself, :meth:`begin` and
+    :meth:`finish`, with the learning step in between done by a learner host (possibly in
+    another process, while this one begins the next batch).
+    """
 
     def __init__(self, engine: Engine, state: ShardState):
         self.engine = engine
         self.state = state
         s = engine.settings
-        self._with_proba = s.model.proba
-        self._threshold = s.model.anomaly_threshold
-        self._step = make_step(state.model, engine.task, self._with_proba, self._threshold)
+        self._learner: Learner | None = None  # for process(): the model runs here
+        self._begun = state.position  # the position after the last batch begun
         self._every_records = s.monitor.every_records
         self._every_seconds = s.monitor.every_seconds
-        self._concept_policy = s.monitor.drift.concept.policy
-        self._mini_batch = s.model.mini_batch
         self._freeze = s.monitor.drift.data.policy == "freeze"
         self._since_report = 0
         self._last_report = time.monotonic()
         self._key_field = s.record.key is not None
         task = engine.task
         self._extra_name = "proba" if task == "classification" and s.model.proba else "score" if task == "anomaly" else None
+        c = state.challenger
+        self._challenger = None if c is None else {
+            "started_at": c.started_at, "records": c.seen, "scores": dict(zip(("champion", "challenger"), c.scores()))}
         tel = engine.telemetry
         self._c_learned = tel.records.labels(outcome="learned")
         self._c_predicted = tel.records.labels(outcome="predicted")
@@ -197,32 +141,48 @@ class Shard:
         publish_from: int = 0,
         timestamps: Sequence[float | None] | None = None,
     ) -> Outputs:
-        """Test-then-train over one batch; returns the encoded outputs.
+        """Test-then-train over one batch, the model in this process; returns the encoded outputs.
 
         Records at positions below ``state.position`` were already learned and are skipped.
         Records at positions below ``publish_from`` are learned (replay) but publish nothing.
         The stages run one after the other over the batch: decode, data-drift watch, predict
         and learn (with concept drift and its policy per record), quality and prediction drift.
         """
-        state = self.state
-        tel = self.engine.telemetry
+        pending = self.begin(values, positions, now, publish_from, timestamps)
+        if pending is None:
+            return Outputs()
+        if self._learner is None:
+            self._learner = Learner(self.engine.learner, self.state)
+        return self.finish(pending, self._learner.learn(*pending.request[1:]))
+
+    def begin(
+        self,
+        values: Sequence[bytes],
+        positions: Sequence[int],
+        now: float | None = None,
+        publish_from: int = 0,
+        timestamps: Sequence[float | None] | None = None,
+    ) -> Pending | None:
+        """Decode the batch and watch its inputs; None when every record was processed before."""
         started = time.perf_counter()
         now = time.time() if now is None else now
+        skip_below = self._begun
+        if not positions or positions[-1] < skip_below:
+            return None
         out = Outputs()
-        skip_below = state.position
-        if positions and positions[-1] < skip_below:
-            return out
 
         # 1. Codec: bytes -> (id, key, x, y, ts, position); bad records -> dead letters
         decode = self.engine.decoder.decode
         records: list = []
         add = records.append
         n_filtered = 0
-        last_pos = None
+        last_pos = first_pos = None
         for i, value in enumerate(values):
             pos = positions[i]
             if pos < skip_below:
                 continue
+            if first_pos is None:
+                first_pos = pos
             last_pos = pos
             try:
                 decoded = decode(value)
@@ -236,19 +196,63 @@ class Shard:
             if ts is None and timestamps is not None:
                 ts = timestamps[i]
             add((rid, key, x, y, ts, pos, value))
-        if last_pos is None:
-            return out
+        self._begun = last_pos + 1
 
         # 2. Data drift: inputs do not depend on the model, so the whole batch is watched first;
         #    with the freeze policy, learning stops from the record after an alarm.
-        frozen = self._watch_inputs(out, records, now, publish_from)
+        events, frozen = self._watch_inputs(records)
+        request = (self.state.shard, [r[2] for r in records], [r[3] for r in records],
+                   [r[0] for r in records], [r[5] for r in records], frozen)
+        return Pending(out, records, request, events, n_filtered, last_pos, first_pos, now, publish_from, len(values),
+                       time.perf_counter() - started)
 
-        # 3. Learner: predict then learn, record by record
-        n_pred, n_learn, labelled, outputs_all = self._learn(out, records, now, publish_from, frozen)
+    def _watch_inputs(self, records: list) -> tuple[list, list[bool] | None]:
+        """Feed the data-drift watch: (its events, which records must not be learned or None).
+
+        An alarm raised at a record freezes learning from the next record on; learning resumes
+        after the record at which the last alarm clears.
+        """
+        dd = self.state.data_drift
+        if dd is None or not records:
+            return [], None
+        events = dd.update_many([r[2] for r in records], [r[0] for r in records], [r[5] for r in records])
+        if not self._freeze:
+            return events, None
+        active = set(dd.alarms)
+        for event in reversed(events):  # the alarms as they were before this batch
+            (active.discard if event["event"] == "drift" else active.add)(event["feature"])
+        if not active and not events:
+            return events, None
+        index = {r[5]: i for i, r in enumerate(records)}
+        frozen = [bool(active)] * len(records)
+        for event in events:
+            (active.add if event["event"] == "drift" else active.discard)(event["feature"])
+            start = index[event["position"]] + 1
+            frozen[start:] = [bool(active)] * (len(records) - start)
+        return events, frozen
+
+    def finish(self, pending: Pending, result: LearnResult) -> Outputs:
+        """Publishable outputs of a begun batch from what the learner made of it; the monitor's stages."""
+        started = time.perf_counter()
+        state = self.state
+        out = pending.out
+        now, publish_from = pending.now, pending.publish_from
+
+        # 3. Outputs of the learner: predictions, refused records, concept-drift and policy events
+        for event in pending.events:
+            self._emit_drift(out, event, now, publish_from, result.version_before)
+        n_pred, n_learn, labelled, outputs_all = self._predictions(out, pending, result)
+        for event in result.events:  # (each carries the version it was raised under)
+            self._emit_drift(out, event, now, publish_from)
+        state.model_version = result.version
+        self._challenger = result.challenger
+        if result.changed:  # a new model: new prediction-drift reference
+            state.prediction_drift = _distribution("prediction", self.engine.settings.monitor.drift.prediction)
+            self.engine.telemetry.model_version.labels(shard=state.shard).set(state.model_version)
 
         # 4. Monitor: quality metrics, prediction drift, periodic report
-        state.position = last_pos + 1
-        n_done = n_pred + n_learn + n_filtered
+        state.position = pending.last_position + 1
+        n_done = n_pred + n_learn + pending.n_filtered
         state.records_seen += n_done
         outs, out_ids, out_pos = (list(c) for c in zip(*outputs_all)) if outputs_all else ([], [], [])
         if self.engine.task in ("clustering", "anomaly"):
@@ -259,78 +263,51 @@ class Shard:
         if state.prediction_drift is not None and outs:
             for event in state.prediction_drift.update_many(outs, out_ids, out_pos):
                 self._emit_drift(out, event, now, publish_from)
-        if publish_from > 0 and positions[0] < publish_from:
+        if publish_from > 0 and pending.first_position < publish_from:
             self._c_replayed.inc(n_done)
         else:
             self._c_learned.inc(n_learn)
             self._c_predicted.inc(n_pred)
-            self._c_filtered.inc(n_filtered)
+            self._c_filtered.inc(pending.n_filtered)
         self._since_report += n_done
         if self._since_report >= self._every_records or time.monotonic() - self._last_report >= self._every_seconds:
             report = self.report(now)
             if state.position > publish_from:
                 out.metrics.append((None, report))
+        tel = self.engine.telemetry
         tel.position.labels(shard=state.shard).set(state.position)
-        tel.processing.observe(time.perf_counter() - started)
-        tel.batch_records.observe(len(values))
+        tel.processing.observe(pending.seconds + result.seconds + time.perf_counter() - started)
+        tel.batch_records.observe(pending.size)
         return out
 
-    def _watch_inputs(self, out: Outputs, records: list, now: float, publish_from: int) -> list[bool] | None:
-        """Feed the data-drift watch; with the freeze policy, say which records must not be learned.
-
-        An alarm raised at a record freezes learning from the next record on; learning resumes
-        after the record at which the last alarm clears.
-        """
-        dd = self.state.data_drift
-        if dd is None or not records:
-            return None
-        events = dd.update_many([r[2] for r in records], [r[0] for r in records], [r[5] for r in records])
-        for event in events:
-            self._emit_drift(out, event, now, publish_from)
-        if not self._freeze:
-            return None
-        active = set(dd.alarms)
-        for event in reversed(events):  # the alarms as they were before this batch
-            (active.discard if event["event"] == "drift" else active.add)(event["feature"])
-        if not active and not events:
-            return None
-        index = {r[5]: i for i, r in enumerate(records)}
-        frozen = [bool(active)] * len(records)
-        for event in events:
-            (active.add if event["event"] == "drift" else active.discard)(event["feature"])
-            start = index[event["position"]] + 1
-            frozen[start:] = [bool(active)] * (len(records) - start)
-        return frozen
-
-    def _learn(self, out: Outputs, records: list, now: float, publish_from: int, frozen: list[bool] | None):
-        state = self.state
-        shard = state.shard
-        step = self._step
+    def _predictions(self, out: Outputs, pending: Pending, result: LearnResult) -> tuple[int, int, list, list]:
+        """Encode a prediction per learned record; (predicted, learned, labelled, outputs) for the monitor."""
+        shard = self.state.shard
+        now, publish_from = pending.now, pending.publish_from
         predictions = out.predictions
         key_field = self._key_field
         extra_name = self._extra_name
         score_task = self.engine.task in ("clustering", "anomaly")
-        want_outputs = score_task or state.prediction_drift is not None
-        concept = state.concept
+        want_outputs = score_task or self.state.prediction_drift is not None
+        preds, extras, errors = result.preds, result.extras, result.errors
+        versions = result.versions
+        version = result.version_before
+        concept = None if self.engine.learner.owns_concept else self.state.concept
         regression = self.engine.task == "regression"
         labelled: list = []
         add_labelled = labelled.append
         outputs_all: list = []
         add_output = outputs_all.append
         n_pred = n_learn = 0
-        if self._mini_batch > 1:
-            done = self._predict_learn_many(records, frozen)
-            if done is not None:  # the loop below publishes and scores what was computed
-                results = iter(done)
-                step = lambda x, y: next(results)  # noqa: E731
-        for i, (rid, key, x, y, ts, pos, value) in enumerate(records):
-            try:
-                pred, extra = step(x, None if frozen is not None and frozen[i] else y)
-            except Exception as exc:  # a model that cannot take this record must not stop the shard
-                self._dead(out.dead_letters, value, "model_error", f"{type(exc).__name__}: {exc}", pos, now, publish_from)
+        for i, (rid, key, _, y, ts, pos, value) in enumerate(pending.records):
+            if errors is not None and i in errors:
+                self._dead(out.dead_letters, value, "model_error", errors[i], pos, now, publish_from)
                 continue
+            pred = preds[i]
+            extra = extras[i]
             if pos >= publish_from:
-                version = state.model_version
+                if versions is not None:
+                    version = versions[i]
                 if extra_name is None:
                     rec = {"id": rid, "key": key, "prediction": pred, "model_version": version,
                            "shard": shard, "position": pos, "ts": now if ts is None else ts}
@@ -345,101 +322,13 @@ class Shard:
             elif y is not None:
                 add_labelled((y, pred, extra))
                 n_learn += 1
-                if state.challenger is not None:
-                    state.challenger.observe(x, y, pred)
-                    verdict = state.challenger.verdict()
-                    if verdict is not None:
-                        step = self._settle_challenger(out, verdict, rid, pos, now, publish_from)
-                if concept is not None:
+                if concept is not None:  # (the alert policy: the error stream is only watched)
                     err = (abs(y - pred) if pred is not None else abs(y)) if regression else (0.0 if pred == y else 1.0)
                     if err - err == 0 and concept.update(err):  # (a NaN or infinite error is not fed)
-                        self._emit_drift(out, concept.event(rid, pos), now, publish_from)
-                        step = self._apply_concept_policy(out, rid, pos, now, publish_from) or step
-                        concept = state.concept
+                        self._emit_drift(out, concept.event(rid, pos), now, publish_from, version)
             else:
                 n_pred += 1
         return n_pred, n_learn, labelled, outputs_all
-
-    def _predict_learn_many(self, records: list, frozen: list[bool] | None) -> list | None:
-        """Mini-batch mode: each group of ``model.mini_batch`` records is predicted with the model
-        as it was before the group, then learned at once (``predict_*_many`` then ``learn_many``).
-
-        Returns ``(prediction, probabilities)`` per record, or None to go record by record
-        (missing values in the group, or a model that refuses the frame).
-        """
-        import pandas as pd
-
-        model = self.state.model
-        classification = self.engine.task == "classification"
-        results: list = []
-        size = self._mini_batch
-        for start in range(0, len(records), size):
-            group = records[start : start + size]
-            X = pd.DataFrame([r[2] for r in group])
-            if X.isna().to_numpy().any() or any(t == object for t in X.dtypes):
-                return None
-            learn = [i for i, r in enumerate(group) if r[3] is not None and not (frozen and frozen[start + i])]
-            try:
-                if classification and self._with_proba:
-                    P = model.predict_proba_many(X)
-                    labels = P.columns.tolist()
-                    rows = P.to_numpy().tolist()
-                    results += [(labels[max(range(len(row)), key=row.__getitem__)] if row else None, dict(zip(labels, row)))
-                                for row in rows]
-                else:
-                    results += [(p, None) for p in model.predict_many(X).tolist()]
-                if learn:
-                    model.learn_many(X.iloc[learn], pd.Series([group[i][3] for i in learn], index=X.index[learn]))
-            except (TypeError, ValueError, KeyError) as exc:
-                if start == 0:
-                    log.warning("mini-batch refused, going record by record", extra={"error": repr(exc)})
-                    return None
-                raise
-        return results
-
-    # -- policies --------------------------------------------------------------------------
-    def _rebind(self) -> Step:
-        """After the model changed (reset, promotion): new step, new prediction-drift reference."""
-        self.state.prediction_drift = _distribution("prediction", self.engine.settings.monitor.drift.prediction)
-        self._step = make_step(self.state.model, self.engine.task, self._with_proba, self._threshold)
-        self.engine.telemetry.model_version.labels(shard=self.state.shard).set(self.state.model_version)
-        return self._step
-
-    def _apply_concept_policy(self, out: Outputs, rid: Any, pos: int, now: float, publish_from: int) -> Step | None:
-        state = self.state
-        policy = self._concept_policy
-        if policy == "reset":
-            previous = state.model_version
-            state.model = self.engine.new_model()
-            state.model_version += 1
-            state.concept = self.engine.new_concept_detector()
-            self._emit(out, {"event": "model_reset", "signal": "concept", "record_id": rid, "position": pos,
-                             "previous_version": previous}, now, publish_from)
-            return self._rebind()
-        if policy == "challenger" and state.challenger is None:
-            state.challenger = Challenger(self.engine.new_model(), self.engine.task, pos,
-                                          self.engine.settings.monitor.drift.challenger)
-            self._emit(out, {"event": "challenger_started", "signal": "concept", "record_id": rid, "position": pos},
-                       now, publish_from)
-        return None
-
-    def _settle_challenger(self, out: Outputs, verdict: str, rid: Any, pos: int, now: float, publish_from: int) -> Step:
-        state = self.state
-        challenger = state.challenger
-        champion_score, challenger_score = challenger.scores()
-        event = {"record_id": rid, "position": pos, "signal": "concept", "champion_score": champion_score,
-                 "challenger_score": challenger_score, "challenger_records": challenger.seen,
-                 "started_at": challenger.started_at}
-        state.challenger = None
-        if verdict == "promote":
-            previous = state.model_version
-            state.model = challenger.model
-            state.model_version += 1
-            state.concept = self.engine.new_concept_detector()
-            self._emit(out, {"event": "promotion", **event, "previous_version": previous}, now, publish_from)
-            return self._rebind()
-        self._emit(out, {"event": "challenger_discarded", **event}, now, publish_from)
-        return self._step
 
     # -- outputs ---------------------------------------------------------------------------
     def _dead(self, out: list, value: bytes, reason: str, detail: str, pos: int, now: float, publish_from: int) -> None:
@@ -448,19 +337,20 @@ class Shard:
             self.engine.telemetry.dead_letters.labels(reason=reason).inc()
             out.append((None, encode_dead_letter(value, reason, detail, self.state.shard, pos, now)))
 
-    def _emit_drift(self, out: Outputs, event: dict, now: float, publish_from: int) -> None:
-        if event["position"] >= publish_from and event["event"] == "drift":
-            self.engine.telemetry.drift_events.labels(
-                signal=event["signal"], detector=event["detector"], shard=self.state.shard
-            ).inc()
-        self._emit(out, event, now, publish_from)
+    def _emit_drift(self, out: Outputs, event: dict, now: float, publish_from: int, version: int | None = None) -> None:
+        """A drift-output event (drift, drift_cleared, model_reset, challenger_*, promotion).
 
-    def _emit(self, out: Outputs, event: dict, now: float, publish_from: int) -> None:
-        """A drift-output event (drift, drift_cleared, model_reset, challenger_*, promotion)."""
+        Its ``model_version`` is the event's own, else ``version``, else the shard's current one.
+        """
         if event["position"] < publish_from:
             return
         state = self.state
-        out.drift.append((None, dumps({**event, "shard": state.shard, "model_version": state.model_version, "ts": now})))
+        if event["event"] == "drift":
+            self.engine.telemetry.drift_events.labels(
+                signal=event["signal"], detector=event["detector"], shard=state.shard
+            ).inc()
+        version = event.get("model_version", state.model_version if version is None else version)
+        out.drift.append((None, dumps({**event, "shard": state.shard, "model_version": version, "ts": now})))
 
     def pending_report(self, now: float | None = None) -> bytes | None:
         """A last metrics event if records were processed since the previous one (at shutdown)."""
@@ -486,7 +376,6 @@ class Shard:
                 for name, v in stats.items():
                     tel.feature_drift.labels(signal=watch.signal, feature=name, shard=state.shard).set(v)
                 drift[watch.signal] = {"alarms": watch.alarms, "statistics": stats}
-        challenger = state.challenger
         return dumps(
             {
                 "event": "metrics",
@@ -496,10 +385,7 @@ class Shard:
                 "records": state.records_seen,
                 **metrics,
                 "drift": drift,
-                "challenger": None if challenger is None else {
-                    "started_at": challenger.started_at, "records": challenger.seen,
-                    "scores": dict(zip(("champion", "challenger"), challenger.scores())),
-                },
+                "challenger": self._challenger,
                 "ts": now,
             }
         )

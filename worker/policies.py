@@ -36,7 +36,7 @@ class Challenger:
     """A candidate model trained in shadow beside the champion, with both scored on the same records."""
 
     def __init__(self, model: Any, task: str, started_at: int, settings: ChallengerSettings):
-        from worker.learning import make_step
+        from worker.learner import make_step
 
         self.model = model
         self.task = task
@@ -55,7 +55,7 @@ class Challenger:
         return state
 
     def __setstate__(self, state: dict) -> None:
-        from worker.learning import make_step
+        from worker.learner import make_step
 
         self.__dict__.update(state)
         self._step = make_step(self.model, self.task, with_proba=False)

@@ -11,6 +11,15 @@ A snapshot therefore never reflects a record whose outputs are not durable. On s
 assignment a shard restores its snapshot (position S), the source seeks to S, and records
 between S and the source's committed position C are learned again without publishing.
 
+Pipelining: the models live in a learner host (:mod:`worker.learner`), by default a child
+process. Each step polls a batch, decodes it (:meth:`Shard.begin`), collects the learner's
+results for the previous poll, submits the new one, and only then encodes and publishes
+the previous poll's outputs (:meth:`Shard.finish`): the child learns poll k+1 while this
+process finishes poll k and fetches poll k+2. At most one poll is in flight. A shard's
+position moves when its outputs are published, so a commit never covers a record in flight;
+before a snapshot, a revoke or the final commit the poll in flight is finished (drained);
+on a rewind or a lost partition it is thrown away with the state it came from.
+
 A sink with a ``commit_every`` attribute (Kafka) is also committed that often between
 snapshots. Positions are committed only once a shard has caught up with its committed
 position (never backwards). When the sink raises :class:`~worker.transports.base.Rewind`
@@ -30,7 +39,8 @@ from typing import Any
 
 from worker.checkpoint import WARM_START, CheckpointStore
 from worker.errors import FencedError, SnapshotError
-from worker.learning import Engine, Shard
+from worker.learner import InlineLearners, ProcessLearners, open_learners
+from worker.learning import Engine, Pending, Shard
 from worker.records import Outputs
 from worker.state import dumps_snapshot, loads_snapshot
 from worker.transports.base import Rewind, Sink, Source
@@ -49,8 +59,11 @@ class Runtime:
         store: CheckpointStore | None = None,
         hmac_key: bytes | None = None,
         stop_event: threading.Event | None = None,
+        learners: InlineLearners | ProcessLearners | None = None,
     ):
         self.engine = engine
+        self.learners = learners if learners is not None else open_learners(engine.settings)
+        self._inflight: list[tuple[Shard, Pending]] = []  # submitted to the learners, not published
         self.source = source
         self.sink = sink
         self.store = store
@@ -75,6 +88,7 @@ class Runtime:
             state, own = self._restore(name)
             shard = self.engine.shard(name, state)
             self.shards[name] = shard
+            self.learners.load(shard.state)
             committed = self.source.committed(name)
             self.publish_from[name] = max(shard.state.position, committed or 0)
             if own:
@@ -94,6 +108,7 @@ class Runtime:
         owned = [s for s in shards if s in self.shards]
         if owned:
             try:  # one commit covers every shard's outputs, so commit every shard's position
+                self._drain()
                 self.sink.commit(self.positions())
             except (Rewind, FencedError):
                 self._forget(owned)
@@ -105,6 +120,8 @@ class Runtime:
 
     def on_lost(self, shards: list[str]) -> None:
         lost = [s for s in shards if s in self.shards]
+        if lost and self._inflight:  # the other shards' batches in flight are still good
+            self._publish(self._collect(), skip=set(lost))
         self._forget(lost)
         abort = getattr(self.sink, "abort", None)
         if lost and abort is not None and abort():
@@ -119,13 +136,17 @@ class Runtime:
         self._rewind_pending = False
         names = list(self.shards)
         log.warning("uncommitted outputs were dropped: rewinding to the last snapshots", extra={"shards": names})
+        if self.learners.pending:  # learned from states about to be thrown away
+            self.learners.collect()
+        self._inflight = []
         self._forget(names)
         if names:
             self.on_assign(names)
 
     def _forget(self, shards: list[str]) -> None:
         for name in shards:
-            self.shards.pop(name, None)
+            if self.shards.pop(name, None) is not None:
+                self.learners.drop(name)
             self.publish_from.pop(name, None)
             self.engine.telemetry.forget_shard(name)
         self.engine.telemetry.shards.set(len(self.shards))
@@ -154,7 +175,8 @@ class Runtime:
         state.extra["sink"] = self.sink.checkpoint_state(name)
         started = time.perf_counter()
         try:
-            self.store.save(name, dumps_snapshot(state, self.engine.spec, self.hmac_key))
+            blob = dumps_snapshot(state, self.engine.spec, self.hmac_key, self.learners.dump(name))
+            self.store.save(name, blob)
         except Exception:
             tel.checkpoints.labels(outcome="error").inc()
             raise
@@ -163,7 +185,8 @@ class Runtime:
         tel.last_checkpoint.labels(shard=name).set(time.time())
 
     def checkpoint(self) -> None:
-        """Commit outputs and positions, then snapshot every shard (in that order)."""
+        """Finish the poll in flight, commit outputs and positions, then snapshot every shard (in that order)."""
+        self._drain()
         self.sink.commit(self.positions())
         self._last_commit = time.monotonic()
         self._fenced_in_row = 0
@@ -182,22 +205,28 @@ class Runtime:
 
     # -- the loop ------------------------------------------------------------------------
     def _step(self, batch_size: int) -> list:
-        """One poll: process and publish its batches, then commit / checkpoint when due."""
+        """One poll: begin its batches, hand them to the learners, publish the previous poll's
+        outputs, then commit / checkpoint when due."""
         batches = self.source.poll(batch_size, 0.1)
         if self._rewind_pending:  # shards were lost with uncommitted outputs of the others
             self.rewind()
             return batches
+        begun = []
         for batch in batches:
             shard = self.shards.get(batch.shard)
             if shard is None:  # revoked between poll and now
                 continue
-            out = shard.process(
+            pending = shard.begin(
                 batch.values, batch.positions, publish_from=self.publish_from[batch.shard],
                 timestamps=batch.timestamps,
             )
-            self.sink.publish(out)
+            if pending is not None:
+                begun.append((shard, pending))
             self.records += len(batch.values)
             self._since_checkpoint += len(batch.values)
+        inflight, self._inflight = self._inflight, begun
+        results = self.learners.exchange([p.request for _, p in begun]) if inflight or begun else []
+        self._publish([(s, p, r) for (s, p), r in zip(inflight, results, strict=True)])
         now = time.monotonic()
         if self.store is not None and (
             self._since_checkpoint >= self._cp_every_records or now - self._last_checkpoint >= self._cp_every_seconds
@@ -208,6 +237,24 @@ class Runtime:
             self._last_commit = now
             self._fenced_in_row = 0
         return batches
+
+    def _collect(self) -> list:
+        """The poll in flight with the learners' results: [(shard, pending, result)]."""
+        if not self._inflight:
+            return []
+        inflight, self._inflight = self._inflight, []
+        return [(s, p, r) for (s, p), r in zip(inflight, self.learners.collect(), strict=True)]
+
+    def _publish(self, done: list, skip: set[str] = frozenset()) -> None:
+        for shard, pending, result in done:
+            name = shard.state.shard
+            if name in skip or self.shards.get(name) is not shard:  # lost or revoked meanwhile
+                continue
+            self.sink.publish(shard.finish(pending, result))
+
+    def _drain(self) -> None:
+        """Finish and publish the poll in flight."""
+        self._publish(self._collect())
 
     def stop(self, *_: Any) -> None:
         self._stop.set()
@@ -236,6 +283,7 @@ class Runtime:
                     continue
                 if not batches and self.source.exhausted:
                     break
+            self._drain()
             final = Outputs()
             for shard in self.shards.values():
                 report = shard.pending_report()
@@ -247,6 +295,7 @@ class Runtime:
             tel.set_ready(False)
             self.source.close()
             self.sink.close()
+            self.learners.close()
             if self.store is not None:
                 self.store.close()
         log.info(

@@ -67,9 +67,42 @@ class SnapshotHeader:
     hmac: str | None
 
 
-def dumps_snapshot(state: ShardState, spec: str, key: bytes | None = None) -> bytes:
-    """Serialise a shard state with its header (signed when ``key`` is given)."""
-    body = pickle.dumps(state, protocol=5)
+LEARNER_FIELDS = ("model", "concept", "challenger", "model_version")
+
+
+class _WithLearner:
+    """Pickles as the shard state with its learner fields filled in from ``blob``.
+
+    The learner process hands its fields over already pickled; this puts them into the
+    snapshot without unpickling the model here, and the snapshot still loads as one plain
+    :class:`ShardState`.
+    """
+
+    def __init__(self, state: ShardState, blob: bytes):
+        self.state, self.blob = state, blob
+
+    def __reduce__(self) -> tuple:
+        return join_learner, (self.state, self.blob)
+
+
+def pickle_learner(state: ShardState, names: tuple[str, ...] = LEARNER_FIELDS) -> bytes:
+    """Some learner fields of ``state``, pickled (to move them to or from the learner process)."""
+    return pickle.dumps({name: getattr(state, name) for name in names}, protocol=5)
+
+
+def join_learner(state: ShardState, blob: bytes) -> ShardState:
+    """Set the fields in :func:`pickle_learner`'s blob on ``state``; returns ``state``."""
+    for name, value in pickle.loads(blob).items():
+        setattr(state, name, value)
+    return state
+
+
+def dumps_snapshot(state: ShardState, spec: str, key: bytes | None = None, learner: bytes | None = None) -> bytes:
+    """Serialise a shard state with its header (signed when ``key`` is given).
+
+    ``learner``: the pickled learner fields (``LEARNER_FIELDS``) when they live elsewhere.
+    """
+    body = pickle.dumps(state if learner is None else _WithLearner(state, learner), protocol=5)
     header = {
         "format": FORMAT_VERSION,
         "river": river.__version__,

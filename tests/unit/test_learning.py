@@ -7,7 +7,8 @@ import pytest
 from river import linear_model, preprocessing
 
 from worker.config import DriftSettings, load_settings
-from worker.learning import Engine, make_step
+from worker.learner import make_step
+from worker.learning import Engine
 
 
 def concept_drift(spec: dict) -> dict:

@@ -1,0 +1,557 @@
+"""The model side of a shard: predict then learn, record by record, with concept drift and its policies.
+
+This is the one stage that must run in record order on the model's state; everything
+around it (decoding, the data-drift watch, encoding outputs, quality metrics, prediction
+drift, the transport) only reads its results. :class:`Learner` does that stage for one
+shard. It works on the learner fields of a :class:`~worker.state.ShardState` (``model``,
+``concept``, ``challenger``, ``model_version``) and returns, per batch, a
+:class:`LearnResult`: the predictions, the per-record model version when it changed, the
+records the model refused, and the concept-drift and policy events.
+
+Two hosts keep a worker's learners, with the same interface:
+
+- :class:`InlineLearners` runs them in this process (``worker evaluate``, tests,
+  ``learner: inline``);
+- :class:`ProcessLearners` runs them in one child process (``learner: process``, the
+  default of ``worker run``), so that learning on one core overlaps with decoding,
+  encoding and the transport on the other. A learn request crosses the pipe as one orjson
+  document per poll (its features came from JSON; orjson's key cache gives the child the
+  same key objects batch after batch, which river's dict lookups like), results as one
+  pickle; the runtime keeps at most one poll in flight (:meth:`ProcessLearners.exchange`).
+
+>>> from worker.config import load_settings
+>>> from worker.state import ShardState
+>>> settings = load_settings(data={"model": {"task": "regression", "pipeline": [
+...     {"linear_model.LinearRegression": {}}]}}, env={})
+>>> config = LearnerConfig(settings)
+>>> learner = Learner(config, ShardState(shard="s", model=config.new_model(), concept=config.new_concept_detector()))
+>>> result = learner.learn([{"a": 0.0}, {"a": 1.0}, {"a": 2.0}], [0.0, 2.0, 4.0], [0, 1, 2], [0, 1, 2], None)
+>>> result.preds
+[0.0, 0.0, 0.12]
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import signal
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from river import base
+
+from worker.errors import WorkerError
+from worker.models import build_model, final_step
+from worker.monitoring.drift import ConceptDrift
+from worker.policies import Challenger
+from worker.state import LEARNER_FIELDS, ShardState, join_learner, pickle_learner
+
+log = logging.getLogger("worker.learner")
+
+Step = Callable[[dict, Any], tuple[Any, Any]]
+
+
+class LearnerError(WorkerError):
+    """The learner process failed or died; the worker cannot go on (exit code 1)."""
+
+
+def make_step(model: base.Estimator, task: str, with_proba: bool = True, threshold: float | None = None) -> Step:
+    """The per-record test-then-train function for a task: ``step(x, y) -> (prediction, extra)``.
+
+    ``extra`` is the class probabilities (classification) or the anomaly score.
+    """
+    learn = model.learn_one
+    if task == "classification":
+        last = final_step(model)
+        predict = model.predict_one
+        predict_proba = model.predict_proba_one
+        derive = type(last).predict_one is base.Classifier.predict_one
+        if with_proba and getattr(last, "estimator", None) is not None and not hasattr(last.estimator, "predict_proba"):
+            with_proba = False  # e.g. compat-wrapped SGDClassifier(loss="hinge"): labels only
+        if with_proba and derive:
+
+            def step(x: dict, y: Any) -> tuple[Any, Any]:
+                proba = predict_proba(x)
+                pred = max(proba, key=proba.get) if proba else None
+                if y is not None:
+                    learn(x, y)
+                return pred, proba
+
+        elif with_proba:
+            has_proba = type(last).predict_proba_one is not base.Classifier.predict_proba_one
+
+            def step(x: dict, y: Any) -> tuple[Any, Any]:
+                proba = predict_proba(x) if has_proba else None
+                pred = predict(x)
+                if y is not None:
+                    learn(x, y)
+                return pred, proba
+
+        else:
+
+            def step(x: dict, y: Any) -> tuple[Any, Any]:
+                pred = predict(x)
+                if y is not None:
+                    learn(x, y)
+                return pred, None
+
+    elif task == "regression":
+        predict = model.predict_one
+
+        def step(x: dict, y: Any) -> tuple[Any, Any]:
+            pred = predict(x)
+            if y is not None:
+                learn(x, y)
+            return pred, None
+
+    elif task == "clustering":
+        predict = model.predict_one
+
+        def step(x: dict, y: Any) -> tuple[Any, Any]:
+            pred = predict(x)
+            learn(x)
+            return pred, None
+
+    else:  # anomaly
+        score_one = model.score_one
+
+        def step(x: dict, y: Any) -> tuple[Any, Any]:
+            score = score_one(x)
+            learn(x)
+            return (score >= threshold if threshold is not None else None), score
+
+    return step
+
+
+class LearnerConfig:
+    """What every learner of a worker shares: built from the settings (picklable, for the child)."""
+
+    def __init__(self, settings: Any):
+        self.settings = settings
+        m = settings.model
+        self.task = m.task
+        self.with_proba = m.proba
+        self.threshold = m.anomaly_threshold
+        self.mini_batch = m.mini_batch
+        drift = settings.monitor.drift
+        self.concept_policy = drift.concept.policy
+        self.challenger = drift.challenger
+        #: With the alert policy concept drift only watches the (label, prediction) stream, so the
+        #: monitor runs it (:meth:`worker.learning.Shard.finish`); reset and challenger act on the model.
+        self.owns_concept = self.concept_policy != "alert"
+        self.fields = LEARNER_FIELDS if self.owns_concept else tuple(f for f in LEARNER_FIELDS if f != "concept")
+
+    def new_model(self) -> base.Estimator:
+        return build_model(self.settings.model)
+
+    def new_concept_detector(self) -> ConceptDrift | None:
+        c = self.settings.monitor.drift.concept
+        if c.detector is None or self.task not in ("classification", "regression"):
+            return None
+        return ConceptDrift(c.detector, c.degradation_only)
+
+    def step(self, model: base.Estimator) -> Step:
+        return make_step(model, self.task, self.with_proba, self.threshold)
+
+
+@dataclass
+class LearnResult:
+    """What one batch of the learner gives back, aligned with its records.
+
+    ``versions`` is None when the model version did not change in the batch (every record
+    was predicted by version ``version_before``); ``errors`` maps a record's index to the
+    model's exception (its ``preds`` entry is None); ``events`` are concept-drift and policy
+    events (with ``position`` and ``model_version``); ``changed`` says the model was replaced.
+    """
+
+    preds: list
+    extras: list
+    versions: list[int] | None
+    version_before: int
+    version: int
+    errors: dict[int, str] | None
+    events: list[dict]
+    changed: bool
+    challenger: dict | None
+    seconds: float
+
+
+class Learner:
+    """Test-then-train for one shard, on the learner fields of ``state``."""
+
+    def __init__(self, config: LearnerConfig, state: ShardState):
+        self.config = config
+        self.state = state
+        self._step = config.step(state.model)
+
+    def learn(
+        self,
+        xs: Sequence[dict],
+        ys: Sequence[Any],
+        rids: Sequence[Any],
+        positions: Sequence[int],
+        frozen: Sequence[bool] | None,
+    ) -> LearnResult:
+        """Predict then learn each record in order (a frozen record is predicted only)."""
+        started = time.perf_counter()
+        state = self.state
+        config = self.config
+        task = config.task
+        step = self._step
+        if config.mini_batch > 1:
+            done = self._predict_learn_many(xs, ys, frozen)
+            if done is not None:  # the loop below scores and watches what was computed
+                results = iter(done)
+                step = lambda x, y: next(results)  # noqa: E731
+        score_task = task in ("clustering", "anomaly")
+        regression = task == "regression"
+        concept = state.concept if config.owns_concept else None
+        challenger = state.challenger
+        version_before = version = state.model_version
+        preds: list = []
+        extras: list = []
+        add_pred, add_extra = preds.append, extras.append
+        versions: list[int] | None = None
+        errors: dict[int, str] | None = None
+        events: list[dict] = []
+        changed = False
+        for i, x in enumerate(xs):
+            y = ys[i]
+            if versions is not None:
+                versions.append(version)
+            try:
+                pred, extra = step(x, None if frozen is not None and frozen[i] else y)
+            except Exception as exc:  # a model that cannot take this record must not stop the shard
+                if errors is None:
+                    errors = {}
+                errors[i] = f"{type(exc).__name__}: {exc}"
+                add_pred(None)
+                add_extra(None)
+                continue
+            add_pred(pred)
+            add_extra(extra)
+            if y is None or score_task:
+                continue
+            acted = False
+            if challenger is not None:
+                challenger.observe(x, y, pred)
+                verdict = challenger.verdict()
+                if verdict is not None:
+                    self._settle_challenger(events, verdict, rids[i], positions[i])
+                    acted = True
+            if concept is not None:
+                err = (abs(y - pred) if pred is not None else abs(y)) if regression else (0.0 if pred == y else 1.0)
+                if err - err == 0 and concept.update(err):  # (a NaN or infinite error is not fed)
+                    events.append({**concept.event(rids[i], positions[i]), "model_version": state.model_version})
+                    self._apply_concept_policy(events, rids[i], positions[i])
+                    acted = True
+            if acted:  # a policy may have replaced the model, the detector or the challenger
+                concept, challenger = (state.concept if config.owns_concept else None), state.challenger
+                if state.model_version != version:  # the next records are predicted by the new model
+                    version = state.model_version
+                    step = self._step
+                    changed = True
+                    if versions is None:
+                        versions = [version_before] * (i + 1)
+        return LearnResult(
+            preds=preds,
+            extras=extras,
+            versions=versions,
+            version_before=version_before,
+            version=state.model_version,
+            errors=errors,
+            events=events,
+            changed=changed,
+            challenger=None if challenger is None else {
+                "started_at": challenger.started_at, "records": challenger.seen,
+                "scores": dict(zip(("champion", "challenger"), challenger.scores())),
+            },
+            seconds=time.perf_counter() - started,
+        )
+
+    def _predict_learn_many(self, xs: Sequence[dict], ys: Sequence[Any], frozen: Sequence[bool] | None) -> list | None:
+        """Mini-batch mode: each group of ``model.mini_batch`` records is predicted with the model
+        as it was before the group, then learned at once (``predict_*_many`` then ``learn_many``).
+
+        Returns ``(prediction, probabilities)`` per record, or None to go record by record
+        (missing values in the group, or a model that refuses the frame).
+        """
+        import pandas as pd
+
+        model = self.state.model
+        classification = self.config.task == "classification"
+        results: list = []
+        size = self.config.mini_batch
+        for start in range(0, len(xs), size):
+            X = pd.DataFrame(list(xs[start : start + size]))
+            if X.isna().to_numpy().any() or any(t == object for t in X.dtypes):
+                return None
+            learn = [i for i in range(len(X)) if ys[start + i] is not None and not (frozen and frozen[start + i])]
+            try:
+                if classification and self.config.with_proba:
+                    P = model.predict_proba_many(X)
+                    labels = P.columns.tolist()
+                    rows = P.to_numpy().tolist()
+                    results += [(labels[max(range(len(row)), key=row.__getitem__)] if row else None, dict(zip(labels, row)))
+                                for row in rows]
+                else:
+                    results += [(p, None) for p in model.predict_many(X).tolist()]
+                if learn:
+                    model.learn_many(X.iloc[learn], pd.Series([ys[start + i] for i in learn], index=X.index[learn]))
+            except (TypeError, ValueError, KeyError) as exc:
+                if start == 0:
+                    log.warning("mini-batch refused, going record by record", extra={"error": repr(exc)})
+                    return None
+                raise
+        return results
+
+    # -- policies --------------------------------------------------------------------------
+    def _new_model(self) -> None:
+        """The model was replaced (reset, promotion): new version, new detector, new step."""
+        state = self.state
+        state.model_version += 1
+        state.concept = self.config.new_concept_detector()
+        self._step = self.config.step(state.model)
+
+    def _apply_concept_policy(self, events: list, rid: Any, pos: int) -> None:
+        state = self.state
+        policy = self.config.concept_policy
+        if policy == "reset":
+            previous = state.model_version
+            state.model = self.config.new_model()
+            self._new_model()
+            events.append({"event": "model_reset", "signal": "concept", "record_id": rid, "position": pos,
+                           "previous_version": previous, "model_version": state.model_version})
+        elif policy == "challenger" and state.challenger is None:
+            state.challenger = Challenger(self.config.new_model(), self.config.task, pos, self.config.challenger)
+            events.append({"event": "challenger_started", "signal": "concept", "record_id": rid, "position": pos,
+                           "model_version": state.model_version})
+
+    def _settle_challenger(self, events: list, verdict: str, rid: Any, pos: int) -> None:
+        state = self.state
+        challenger = state.challenger
+        champion_score, challenger_score = challenger.scores()
+        event = {"record_id": rid, "position": pos, "signal": "concept", "champion_score": champion_score,
+                 "challenger_score": challenger_score, "challenger_records": challenger.seen,
+                 "started_at": challenger.started_at}
+        state.challenger = None
+        if verdict == "promote":
+            previous = state.model_version
+            state.model = challenger.model
+            self._new_model()
+            events.append({"event": "promotion", **event, "previous_version": previous,
+                           "model_version": state.model_version})
+        else:
+            events.append({"event": "challenger_discarded", **event, "model_version": state.model_version})
+
+
+# -- hosts -------------------------------------------------------------------------------
+#: One learn request per shard batch: (shard, xs, ys, record ids, positions, frozen or None).
+Request = tuple[str, list, list, list, list, "list[bool] | None"]
+
+class InlineLearners:
+    """The learners of a worker, in this process: :meth:`submit` computes at once."""
+
+    def __init__(self, config: LearnerConfig):
+        self.config = config
+        self._learners: dict[str, Learner] = {}
+        self._results: list[LearnResult] | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self._results is not None
+
+    def load(self, state: ShardState) -> None:
+        """Own ``state``'s learner from now on (it keeps working on that same state object)."""
+        self._learners[state.shard] = Learner(self.config, state)
+
+    def drop(self, shard: str) -> None:
+        self._learners.pop(shard, None)
+
+    def submit(self, requests: list[Request]) -> None:
+        assert self._results is None, "collect() the previous results first"
+        self._results = [self._learners[r[0]].learn(*r[1:]) for r in requests]
+
+    def exchange(self, requests: list[Request]) -> list[LearnResult]:
+        """The results in flight (or []), then ``requests`` submitted."""
+        previous = self.collect() if self.pending else []
+        self.submit(requests)
+        return previous
+
+    def collect(self) -> list[LearnResult]:
+        results, self._results = self._results, None
+        assert results is not None, "nothing submitted"
+        return results
+
+    def dump(self, shard: str) -> bytes | None:
+        """None: the shard's state object already holds its learner fields."""
+        return None
+
+    def close(self) -> None:
+        self._learners.clear()
+
+
+class ProcessLearners:
+    """The learners of a worker in one child process (spawned), spoken to over a pipe.
+
+    The parent never sends while a reply is unread (it reads it into a buffer first), and
+    the child replies only to ``learn`` and ``dump``, so neither side can block the other.
+    The child ignores SIGINT/SIGTERM (the parent decides when to stop) and exits when the
+    pipe closes, including when the parent was killed.
+    """
+
+    def __init__(self, config: LearnerConfig, start_timeout: float = 120.0):
+        import multiprocessing
+
+        self.config = config
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, config), name="worker-learner", daemon=True)
+        self._proc.start()
+        child.close()
+        self._awaiting = False  # a learn reply not read yet
+        self._buffered: list[LearnResult] | None = None
+        if not self._conn.poll(start_timeout):
+            self.close()
+            raise LearnerError(f"the learner process did not start within {start_timeout:.0f} s")
+        self._recv()  # "ready"
+
+    @property
+    def pending(self) -> bool:
+        return self._awaiting or self._buffered is not None
+
+    def _send(self, message: tuple) -> None:
+        if self._awaiting:  # read the reply first: the child may be blocked writing it
+            self._buffered = self._recv()
+            self._awaiting = False
+        self._send_bytes(b"P" + pickle.dumps(message, protocol=5))
+
+    def _send_bytes(self, data: bytes) -> None:
+        try:
+            self._conn.send_bytes(data)
+        except OSError as exc:
+            raise self._died() from exc
+
+    def _recv_bytes(self) -> bytes:
+        try:
+            return self._conn.recv_bytes()
+        except (EOFError, OSError) as exc:
+            raise self._died() from exc
+
+    def _recv(self, data: bytes | None = None) -> Any:
+        kind, payload = pickle.loads(self._recv_bytes() if data is None else data)
+        if kind == "error":
+            raise LearnerError(f"the learner process failed:\n{payload}")
+        return payload
+
+    def _died(self) -> LearnerError:
+        self._proc.join(1.0)
+        return LearnerError(f"the learner process died (exit code {self._proc.exitcode})")
+
+    def load(self, state: ShardState) -> None:
+        """Hand the shard's learner fields to the child; this process keeps only ``model_version``."""
+        self._send(("load", state.shard, pickle_learner(state, self.config.fields)))
+        for name in self.config.fields:
+            if name != "model_version":
+                setattr(state, name, None)
+
+    def drop(self, shard: str) -> None:
+        self._send(("drop", shard))
+
+    def submit(self, requests: list[Request]) -> None:
+        assert not self.pending, "collect() the previous results first"
+        self._send_bytes(b"L" + orjson.dumps(requests))
+        self._awaiting = True
+
+    def exchange(self, requests: list[Request]) -> list[LearnResult]:
+        """The results in flight (or []), then ``requests`` submitted: the child waits only for
+        the pipe between two batches (the request is encoded before, the results decoded after)."""
+        if self._buffered is not None or not self._awaiting:
+            previous = self.collect() if self.pending else []
+            if requests:
+                self.submit(requests)
+            return previous
+        data = b"L" + orjson.dumps(requests) if requests else None
+        raw = self._recv_bytes()
+        self._awaiting = False
+        if data is not None:
+            self._send_bytes(data)
+            self._awaiting = True
+        return self._recv(raw)
+
+    def collect(self) -> list[LearnResult]:
+        if self._buffered is not None:
+            results, self._buffered = self._buffered, None
+            return results
+        assert self._awaiting, "nothing submitted"
+        self._awaiting = False
+        return self._recv()
+
+    def dump(self, shard: str) -> bytes:
+        """The pickled learner fields of ``shard``, as of the last batch submitted for it."""
+        self._send(("dump", shard))
+        return self._recv()
+
+    def close(self) -> None:
+        try:
+            self._conn.close()
+        except OSError:
+            pass
+        self._proc.join(5.0)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(1.0)
+
+
+def _serve(conn: Any, config: LearnerConfig) -> None:
+    """The child's loop: one message in, at most one reply out, until the pipe closes."""
+    import gc
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    learners: dict[str, Learner] = {}
+    gc.freeze()  # the imported modules live as long as the process
+    # Each batch makes ~10 short-lived objects per record, all freed by reference counting;
+    # the default threshold (700) would run ~40 young collections per batch over them.
+    gc.set_threshold(100_000, 20, 100)
+    conn.send_bytes(pickle.dumps(("ready", None)))
+    try:
+        while True:
+            try:
+                data = conn.recv_bytes()
+            except (EOFError, OSError):
+                return
+            if data[:1] == b"L":
+                reply: Any = [learners[r[0]].learn(*r[1:]) for r in orjson.loads(memoryview(data)[1:])]
+                conn.send_bytes(pickle.dumps(("ok", reply), protocol=5))
+                continue
+            message = pickle.loads(memoryview(data)[1:])
+            kind = message[0]
+            if kind == "load":
+                _, shard, blob = message
+                learners[shard] = Learner(config, join_learner(ShardState(shard=shard, model=None), blob))
+                continue
+            elif kind == "drop":
+                learners.pop(message[1], None)
+                continue
+            elif kind == "dump":
+                reply = pickle_learner(learners[message[1]].state, config.fields)
+            else:
+                raise ValueError(f"unknown message {kind!r}")
+            conn.send_bytes(pickle.dumps(("ok", reply), protocol=5))
+    except BaseException:  # noqa: BLE001 - report it to the parent, then exit
+        try:
+            conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
+        except OSError:
+            pass
+        raise SystemExit(1) from None
+
+
+def open_learners(settings: Any) -> InlineLearners | ProcessLearners:
+    """The host ``settings.learner`` asks for."""
+    config = LearnerConfig(settings)
+    return ProcessLearners(config) if settings.learner == "process" else InlineLearners(config)
