@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from bench import contenders, harness, latency, scaling
-from bench.common import FAMILIES, REFERENCE_PIPELINE, agrawal, plain_loop, summary, write_jsonl
+from bench.common import FAMILIES, REFERENCE_PIPELINE, agrawal, pin_hash_seed, plain_loop, summary, write_jsonl
 from bench.file_transport import worker_run
 from bench.report import write_all
 from bench.width import write_data
@@ -131,6 +131,8 @@ def versions() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command line, not a caller of main()
+        pin_hash_seed("bench")
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few records, one repetition (a smoke run)")

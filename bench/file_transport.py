@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import REFERENCE_PIPELINE, agrawal, plain_loop, summary, write_jsonl
+from bench.common import REFERENCE_PIPELINE, agrawal, pin_hash_seed, plain_loop, summary, write_jsonl
 from worker.checkpoint import FileStore
 from worker.config import load_settings
 from worker.learning import Engine
@@ -53,6 +53,7 @@ def worker_run(data: Path, workdir: Path, checkpoints: bool = True) -> float:
 
 
 def main() -> None:
+    pin_hash_seed("bench.file_transport")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=50_000)
     parser.add_argument("--repeat", type=int, default=5)

@@ -24,7 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.common import REFERENCE_PIPELINE, agrawal, plain_loop
+from bench.common import REFERENCE_PIPELINE, agrawal, pin_hash_seed, plain_loop
 from worker.checkpoint import FileStore
 from worker.config import load_settings
 from worker.embedded import CONSUMER_OVERRIDES, EmbeddedBroker
@@ -101,6 +101,7 @@ def worker_run(bootstrap: str, topic: str, n: int, delivery: str, workdir: Path,
 
 
 def main() -> None:
+    pin_hash_seed("bench.kafka")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=30_000)
     parser.add_argument("--repeat", type=int, default=3)

@@ -43,6 +43,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from worker.learner import open_learners
+
+    settings = _settings(args)
+    learners = open_learners(settings)  # the learner process starts first: its imports overlap with ours
+
     from worker.checkpoint import open_store
     from worker.learning import Engine
     from worker.logs import setup_logging
@@ -50,22 +55,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     from worker.runtime import Runtime
     from worker.transports import open_transport
 
-    settings = _settings(args)
     setup_logging(settings.telemetry.log_level, settings.telemetry.log_format)
     telemetry = Telemetry()
     server = None
-    if settings.telemetry.port is not None:
-        server = TelemetryServer(telemetry, settings.telemetry.host, settings.telemetry.port).start()
-        log.info("telemetry listening", extra={"port": server.port})
     try:
+        if settings.telemetry.port is not None:
+            server = TelemetryServer(telemetry, settings.telemetry.host, settings.telemetry.port).start()
+            log.info("telemetry listening", extra={"port": server.port})
         engine = Engine(settings, telemetry)
         store = open_store(settings.checkpoint.store, settings) if settings.checkpoint.store else None
         key = settings.checkpoint.hmac_key.get_secret_value().encode() if settings.checkpoint.hmac_key else None
         source, sink = open_transport(settings, telemetry)
-        runtime = Runtime(engine, source, sink, store, key, stop_event=STOP)
+        runtime = Runtime(engine, source, sink, store, key, stop_event=STOP, learners=learners)
         runtime.install_signal_handlers()
         return runtime.run()
     finally:
+        learners.close()
         if server is not None:
             server.close()
 

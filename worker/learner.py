@@ -354,12 +354,17 @@ class Learner:
 Request = tuple[str, list, list, list, list, "list[bool] | None"]
 
 class InlineLearners:
-    """The learners of a worker, in this process: :meth:`submit` computes at once."""
+    """The learners of a worker, in this process: :meth:`exchange` computes at once.
+
+    Results (and dumps) are handed out by the next :meth:`collect` or :meth:`exchange`, as
+    :class:`ProcessLearners` does, so the runtime drives both the same way.
+    """
 
     def __init__(self, config: LearnerConfig):
         self.config = config
         self._learners: dict[str, Learner] = {}
-        self._results: list[LearnResult] | None = None
+        self._results: tuple[list[LearnResult], dict[str, bytes] | None] | None = None
+        self._dumps: dict[str, bytes] | None = None
 
     @property
     def pending(self) -> bool:
@@ -372,20 +377,26 @@ class InlineLearners:
     def drop(self, shard: str) -> None:
         self._learners.pop(shard, None)
 
-    def submit(self, requests: list[Request]) -> None:
-        assert self._results is None, "collect() the previous results first"
-        self._results = [self._learners[r[0]].learn(*r[1:]) for r in requests]
-
-    def exchange(self, requests: list[Request]) -> list[LearnResult]:
-        """The results in flight (or []), then ``requests`` submitted."""
+    def exchange(self, requests: list[Request], dump: bool = False) -> list[LearnResult]:
+        """The results in flight (or []); then, with ``dump``, every learner's fields as they are
+        now (see :meth:`take_dumps`), and ``requests`` learned."""
         previous = self.collect() if self.pending else []
-        self.submit(requests)
+        if requests or dump:
+            dumps = {n: pickle_learner(lr.state, self.config.fields) for n, lr in self._learners.items()} if dump else None
+            self._results = ([self._learners[r[0]].learn(*r[1:]) for r in requests], dumps)
         return previous
 
     def collect(self) -> list[LearnResult]:
-        results, self._results = self._results, None
-        assert results is not None, "nothing submitted"
+        assert self._results is not None, "nothing in flight"
+        (results, dumps), self._results = self._results, None
+        if dumps is not None:
+            self._dumps = dumps
         return results
+
+    def take_dumps(self) -> dict[str, bytes] | None:
+        """The learner fields asked for with ``exchange(..., dump=True)``, once its results were collected."""
+        dumps, self._dumps = self._dumps, None
+        return dumps
 
     def dump(self, shard: str) -> bytes | None:
         """None: the shard's state object already holds its learner fields."""
@@ -399,9 +410,9 @@ class ProcessLearners:
     """The learners of a worker in one child process (spawned), spoken to over a pipe.
 
     The parent never sends while a reply is unread (it reads it into a buffer first), and
-    the child replies only to ``learn`` and ``dump``, so neither side can block the other.
-    The child ignores SIGINT/SIGTERM (the parent decides when to stop) and exits when the
-    pipe closes, including when the parent was killed.
+    the child replies only to learn requests and ``dump``, so neither side can block the
+    other. The child ignores SIGINT/SIGTERM (the parent decides when to stop) and exits when
+    the pipe closes, including when the parent was killed.
     """
 
     def __init__(self, config: LearnerConfig, start_timeout: float = 120.0):
@@ -411,13 +422,25 @@ class ProcessLearners:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(child, config), name="worker-learner", daemon=True)
-        self._proc.start()
+        # Born with SIGINT/SIGTERM blocked (the mask survives exec), so a stop sent to the whole
+        # group during its start-up cannot kill it; here they stay pending, not lost.
+        stops = {signal.SIGINT, signal.SIGTERM}
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        try:
+            self._proc.start()  # its imports overlap with the caller's start-up: the first message waits
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()
+        self._start_timeout: float | None = start_timeout
         self._awaiting = False  # a learn reply not read yet
-        self._buffered: list[LearnResult] | None = None
-        if not self._conn.poll(start_timeout):
+        self._buffered: Any = None  # a learn reply read early (decoded)
+        self._dumps: dict[str, bytes] | None = None
+
+    def _wait_ready(self) -> None:
+        timeout, self._start_timeout = self._start_timeout, None
+        if not self._conn.poll(timeout):
             self.close()
-            raise LearnerError(f"the learner process did not start within {start_timeout:.0f} s")
+            raise LearnerError(f"the learner process did not start within {timeout:.0f} s")
         self._recv()  # "ready"
 
     @property
@@ -431,6 +454,8 @@ class ProcessLearners:
         self._send_bytes(b"P" + pickle.dumps(message, protocol=5))
 
     def _send_bytes(self, data: bytes) -> None:
+        if self._start_timeout is not None:
+            self._wait_ready()
         try:
             self._conn.send_bytes(data)
         except OSError as exc:
@@ -452,6 +477,12 @@ class ProcessLearners:
         self._proc.join(1.0)
         return LearnerError(f"the learner process died (exit code {self._proc.exitcode})")
 
+    def _results(self, payload: tuple) -> list[LearnResult]:
+        results, dumps = payload
+        if dumps is not None:
+            self._dumps = dumps
+        return results
+
     def load(self, state: ShardState) -> None:
         """Hand the shard's learner fields to the child; this process keeps only ``model_version``."""
         self._send(("load", state.shard, pickle_learner(state, self.config.fields)))
@@ -462,34 +493,37 @@ class ProcessLearners:
     def drop(self, shard: str) -> None:
         self._send(("drop", shard))
 
-    def submit(self, requests: list[Request]) -> None:
-        assert not self.pending, "collect() the previous results first"
-        self._send_bytes(b"L" + orjson.dumps(requests))
-        self._awaiting = True
-
-    def exchange(self, requests: list[Request]) -> list[LearnResult]:
-        """The results in flight (or []), then ``requests`` submitted: the child waits only for
-        the pipe between two batches (the request is encoded before, the results decoded after)."""
-        if self._buffered is not None or not self._awaiting:
-            previous = self.collect() if self.pending else []
-            if requests:
-                self.submit(requests)
-            return previous
-        data = b"L" + orjson.dumps(requests) if requests else None
-        raw = self._recv_bytes()
-        self._awaiting = False
+    def exchange(self, requests: list[Request], dump: bool = False) -> list[LearnResult]:
+        """The results in flight (or []); then ``requests`` sent (with ``dump``: the child first
+        pickles every learner's fields, see :meth:`take_dumps`). The child waits only for the
+        pipe between two batches: the request is encoded before, the results decoded after."""
+        data = (b"D" if dump else b"L") + orjson.dumps(requests) if requests or dump else None
+        payload = raw = None
+        if self._buffered is not None:
+            payload, self._buffered = self._buffered, None
+        elif self._awaiting:
+            raw = self._recv_bytes()
+            self._awaiting = False
         if data is not None:
             self._send_bytes(data)
             self._awaiting = True
-        return self._recv(raw)
+        if raw is not None:
+            payload = self._recv(raw)
+        return [] if payload is None else self._results(payload)
 
     def collect(self) -> list[LearnResult]:
         if self._buffered is not None:
-            results, self._buffered = self._buffered, None
-            return results
-        assert self._awaiting, "nothing submitted"
-        self._awaiting = False
-        return self._recv()
+            payload, self._buffered = self._buffered, None
+        else:
+            assert self._awaiting, "nothing in flight"
+            self._awaiting = False
+            payload = self._recv()
+        return self._results(payload)
+
+    def take_dumps(self) -> dict[str, bytes] | None:
+        """The learner fields asked for with ``exchange(..., dump=True)``, once its results were collected."""
+        dumps, self._dumps = self._dumps, None
+        return dumps
 
     def dump(self, shard: str) -> bytes:
         """The pickled learner fields of ``shard``, as of the last batch submitted for it."""
@@ -518,18 +552,22 @@ def _serve(conn: Any, config: LearnerConfig) -> None:
     # Each batch makes ~10 short-lived objects per record, all freed by reference counting;
     # the default threshold (700) would run ~40 young collections per batch over them.
     gc.set_threshold(100_000, 20, 100)
-    conn.send_bytes(pickle.dumps(("ready", None)))
+    try:
+        conn.send_bytes(pickle.dumps(("ready", None)))
+    except OSError:  # the parent went away during our start-up
+        return
     try:
         while True:
             try:
                 data = conn.recv_bytes()
             except (EOFError, OSError):
                 return
-            if data[:1] == b"L":
-                reply: Any = [learners[r[0]].learn(*r[1:]) for r in orjson.loads(memoryview(data)[1:])]
-                conn.send_bytes(pickle.dumps(("ok", reply), protocol=5))
+            if data[:1] in (b"L", b"D"):  # learn (D: dump every learner first)
+                dumps = {n: pickle_learner(lr.state, config.fields) for n, lr in learners.items()} if data[:1] == b"D" else None
+                results = [learners[r[0]].learn(*r[1:]) for r in orjson.loads(memoryview(data)[1:])]
+                conn.send_bytes(pickle.dumps(("ok", (results, dumps)), protocol=5))
                 continue
-            message = pickle.loads(memoryview(data)[1:])
+            message = pickle.loads(memoryview(data)[1:])  # P: a control message
             kind = message[0]
             if kind == "load":
                 _, shard, blob = message

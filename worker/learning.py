@@ -90,7 +90,7 @@ class Pending:
     out: Outputs
     records: list  #: (id, key, x, y, ts, position, original bytes) of the records to learn
     request: Request  #: what the learner is asked to do with them
-    events: list  #: data-drift events of the batch, published with the version of the model that saw it
+    events: list | None  #: data-drift events of the batch (None: not watched yet)
     n_filtered: int
     last_position: int
     first_position: int
@@ -198,9 +198,10 @@ class Shard:
             add((rid, key, x, y, ts, pos, value))
         self._begun = last_pos + 1
 
-        # 2. Data drift: inputs do not depend on the model, so the whole batch is watched first;
-        #    with the freeze policy, learning stops from the record after an alarm.
-        events, frozen = self._watch_inputs(records)
+        # 2. Data drift: with the freeze policy the batch is watched now (learning stops from the
+        #    record after an alarm); otherwise in finish(), so that begin() changes no state that
+        #    a snapshot holds (the runtime snapshots between begin() and the next finish()).
+        events, frozen = self._watch_inputs(records) if self._freeze else (None, None)
         request = (self.state.shard, [r[2] for r in records], [r[3] for r in records],
                    [r[0] for r in records], [r[5] for r in records], frozen)
         return Pending(out, records, request, events, n_filtered, last_pos, first_pos, now, publish_from, len(values),
@@ -239,7 +240,8 @@ class Shard:
         now, publish_from = pending.now, pending.publish_from
 
         # 3. Outputs of the learner: predictions, refused records, concept-drift and policy events
-        for event in pending.events:
+        events = pending.events if pending.events is not None else self._watch_inputs(pending.records)[0]
+        for event in events:  # (published with the version of the model that saw the batch)
             self._emit_drift(out, event, now, publish_from, result.version_before)
         n_pred, n_learn, labelled, outputs_all = self._predictions(out, pending, result)
         for event in result.events:  # (each carries the version it was raised under)

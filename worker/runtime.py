@@ -42,7 +42,7 @@ from worker.errors import FencedError, SnapshotError
 from worker.learner import InlineLearners, ProcessLearners, open_learners
 from worker.learning import Engine, Pending, Shard
 from worker.records import Outputs
-from worker.state import dumps_snapshot, loads_snapshot
+from worker.state import dumps_parts, dumps_snapshot, loads_snapshot, pickle_monitor
 from worker.transports.base import Rewind, Sink, Source
 
 log = logging.getLogger("worker.runtime")
@@ -78,6 +78,10 @@ class Runtime:
         self._last_checkpoint = time.monotonic()
         self._commit_every: float | None = getattr(sink, "commit_every", None)
         self._last_commit = time.monotonic()
+        # The snapshot waiting for the learners' half: {shard: (position, pickled monitor part)}
+        self._parts: dict[str, tuple[int, bytes]] | None = None
+        # Snapshots between polls need begin() to leave snapshot state alone (not with freeze)
+        self._overlapped_snapshots = engine.settings.monitor.drift.data.policy != "freeze"
         self._rewind_pending = False
         self._fenced_in_row = 0
         self.records = 0
@@ -120,9 +124,9 @@ class Runtime:
 
     def on_lost(self, shards: list[str]) -> None:
         lost = [s for s in shards if s in self.shards]
-        if lost and self._inflight:  # the other shards' batches in flight are still good
-            self._publish(self._collect(), skip=set(lost))
         self._forget(lost)
+        if lost:  # the other shards' batches in flight are still good
+            self._drain()
         abort = getattr(self.sink, "abort", None)
         if lost and abort is not None and abort():
             self._rewind_pending = True  # the other shards' uncommitted outputs went with it
@@ -138,7 +142,8 @@ class Runtime:
         log.warning("uncommitted outputs were dropped: rewinding to the last snapshots", extra={"shards": names})
         if self.learners.pending:  # learned from states about to be thrown away
             self.learners.collect()
-        self._inflight = []
+        self.learners.take_dumps()
+        self._inflight, self._parts = [], None
         self._forget(names)
         if names:
             self.on_assign(names)
@@ -168,15 +173,19 @@ class Runtime:
         return state, False
 
     def _snapshot(self, name: str) -> None:
+        """Snapshot a shard now (nothing of it may be in flight)."""
         if self.store is None:
             return
-        tel = self.engine.telemetry
         state = self.shards[name].state
         state.extra["sink"] = self.sink.checkpoint_state(name)
+        fields = self.engine.learner.fields
+        self._save(name, lambda: dumps_snapshot(state, self.engine.spec, self.hmac_key, self.learners.dump(name), fields))
+
+    def _save(self, name: str, make: Any) -> None:
+        tel = self.engine.telemetry
         started = time.perf_counter()
         try:
-            blob = dumps_snapshot(state, self.engine.spec, self.hmac_key, self.learners.dump(name))
-            self.store.save(name, blob)
+            self.store.save(name, make())
         except Exception:
             tel.checkpoints.labels(outcome="error").inc()
             raise
@@ -187,13 +196,40 @@ class Runtime:
     def checkpoint(self) -> None:
         """Finish the poll in flight, commit outputs and positions, then snapshot every shard (in that order)."""
         self._drain()
-        self.sink.commit(self.positions())
-        self._last_commit = time.monotonic()
-        self._fenced_in_row = 0
+        self._commit()
         for name in list(self.shards):
             self._snapshot(name)
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
+
+    def _commit(self) -> None:
+        self.sink.commit(self.positions())
+        self._last_commit = time.monotonic()
+        self._fenced_in_row = 0
+
+    def _begin_snapshot(self) -> None:
+        """Overlapped checkpoint, first half (the learners were asked for their fields as of now):
+        commit, then keep each shard's monitor part at the committed position."""
+        self._commit()
+        fields = self.engine.learner.fields
+        parts = {}
+        for name, shard in self.shards.items():
+            state = shard.state
+            state.extra["sink"] = self.sink.checkpoint_state(name)
+            parts[name] = (state.position, pickle_monitor(state, fields))
+        self._parts = parts
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+
+    def _end_snapshot(self) -> None:
+        """Second half, when the learners' fields arrived: write each snapshot still ours."""
+        dumps = self.learners.take_dumps()
+        if dumps is None or self._parts is None:
+            return
+        parts, self._parts = self._parts, None
+        for name, (position, main) in parts.items():
+            if name in self.shards and name in dumps:
+                self._save(name, lambda: dumps_parts(name, position, main, dumps[name], self.engine.spec, self.hmac_key))
 
     def _recover(self, exc: Exception) -> None:
         if isinstance(exc, FencedError):
@@ -224,31 +260,37 @@ class Runtime:
                 begun.append((shard, pending))
             self.records += len(batch.values)
             self._since_checkpoint += len(batch.values)
-        inflight, self._inflight = self._inflight, begun
-        results = self.learners.exchange([p.request for _, p in begun]) if inflight or begun else []
-        self._publish([(s, p, r) for (s, p), r in zip(inflight, results, strict=True)])
         now = time.monotonic()
-        if self.store is not None and (
+        due = self.store is not None and (
             self._since_checkpoint >= self._cp_every_records or now - self._last_checkpoint >= self._cp_every_seconds
-        ):
+        )
+        # An overlapped snapshot: the learners pickle their fields before learning this poll,
+        # this process its own after publishing the previous one; both are then at the same position.
+        overlapped = due and self._overlapped_snapshots and self._parts is None
+        inflight, self._inflight = self._inflight, begun
+        results = self.learners.exchange([p.request for _, p in begun], dump=overlapped)
+        self._end_snapshot()
+        self._publish([(s, p, r) for (s, p), r in zip(inflight, results, strict=True)])
+        if overlapped:
+            self._begin_snapshot()
+        elif due and self._parts is None:
             self.checkpoint()
         elif self._commit_every is not None and now - self._last_commit >= self._commit_every:
-            self.sink.commit(self.positions())
-            self._last_commit = now
-            self._fenced_in_row = 0
+            self._commit()
         return batches
 
     def _collect(self) -> list:
         """The poll in flight with the learners' results: [(shard, pending, result)]."""
-        if not self._inflight:
+        if not self.learners.pending:
             return []
         inflight, self._inflight = self._inflight, []
-        return [(s, p, r) for (s, p), r in zip(inflight, self.learners.collect(), strict=True)]
+        done = [(s, p, r) for (s, p), r in zip(inflight, self.learners.collect(), strict=True)]
+        self._end_snapshot()
+        return done
 
-    def _publish(self, done: list, skip: set[str] = frozenset()) -> None:
+    def _publish(self, done: list) -> None:
         for shard, pending, result in done:
-            name = shard.state.shard
-            if name in skip or self.shards.get(name) is not shard:  # lost or revoked meanwhile
+            if self.shards.get(shard.state.shard) is not shard:  # lost or revoked meanwhile
                 continue
             self.sink.publish(shard.finish(pending, result))
 

@@ -24,7 +24,7 @@ import hmac
 import pickle
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -70,19 +70,22 @@ class SnapshotHeader:
 LEARNER_FIELDS = ("model", "concept", "challenger", "model_version")
 
 
-class _WithLearner:
-    """Pickles as the shard state with its learner fields filled in from ``blob``.
+class _Joined:
+    """Pickles as one :class:`ShardState`: the monitor's part with the learner fields set from the learner's blob.
 
-    The learner process hands its fields over already pickled; this puts them into the
-    snapshot without unpickling the model here, and the snapshot still loads as one plain
-    :class:`ShardState`.
+    The parts were pickled where they live (the learner fields in the learner process); the
+    snapshot still loads as one plain ShardState, and nothing is unpickled to write it.
     """
 
-    def __init__(self, state: ShardState, blob: bytes):
-        self.state, self.blob = state, blob
+    def __init__(self, main: bytes, learner: bytes):
+        self.main, self.learner = main, learner
 
     def __reduce__(self) -> tuple:
-        return join_learner, (self.state, self.blob)
+        return _join, (self.main, self.learner)
+
+
+def _join(main: bytes, learner: bytes) -> ShardState:
+    return join_learner(pickle.loads(main), learner)
 
 
 def pickle_learner(state: ShardState, names: tuple[str, ...] = LEARNER_FIELDS) -> bytes:
@@ -97,19 +100,35 @@ def join_learner(state: ShardState, blob: bytes) -> ShardState:
     return state
 
 
-def dumps_snapshot(state: ShardState, spec: str, key: bytes | None = None, learner: bytes | None = None) -> bytes:
+def pickle_monitor(state: ShardState, names: tuple[str, ...] = LEARNER_FIELDS) -> bytes:
+    """``state`` pickled without the learner fields ``names`` (they come from the learner)."""
+    return pickle.dumps(replace(state, **{n: None for n in names if n != "model_version"}), protocol=5)
+
+
+def dumps_snapshot(state: ShardState, spec: str, key: bytes | None = None, learner: bytes | None = None,
+                   names: tuple[str, ...] = LEARNER_FIELDS) -> bytes:
     """Serialise a shard state with its header (signed when ``key`` is given).
 
-    ``learner``: the pickled learner fields (``LEARNER_FIELDS``) when they live elsewhere.
+    ``learner``: the pickled learner fields ``names`` when they live elsewhere.
     """
-    body = pickle.dumps(state if learner is None else _WithLearner(state, learner), protocol=5)
+    if learner is None:
+        return _frame(pickle.dumps(state, protocol=5), state.shard, state.position, spec, key)
+    return dumps_parts(state.shard, state.position, pickle_monitor(state, names), learner, spec, key)
+
+
+def dumps_parts(shard: str, position: int, main: bytes, learner: bytes, spec: str, key: bytes | None = None) -> bytes:
+    """A snapshot from the two pickled parts of a state at ``position`` (see :func:`pickle_monitor`)."""
+    return _frame(pickle.dumps(_Joined(main, learner), protocol=5), shard, position, spec, key)
+
+
+def _frame(body: bytes, shard: str, position: int, spec: str, key: bytes | None) -> bytes:
     header = {
         "format": FORMAT_VERSION,
         "river": river.__version__,
         "python": platform.python_version(),
         "spec": spec,
-        "shard": state.shard,
-        "position": state.position,
+        "shard": shard,
+        "position": position,
         "created": time.time(),
         "length": len(body),
         "sha256": hashlib.sha256(body).hexdigest(),

@@ -39,7 +39,6 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-from scipy.stats import chi2
 
 from worker.models.spec import build_estimator
 
@@ -109,6 +108,8 @@ class ConceptDrift:
 
 @functools.lru_cache(maxsize=1024)
 def _chi2_quantile(dof: int) -> float:
+    from scipy.stats import chi2  # (half a second to import: only where data drift is tested)
+
     return float(chi2.ppf(1 - _NOISE_P, dof))
 
 

@@ -1,0 +1,178 @@
+"""The learner hosts: the child process gives what the inline learner gives; snapshots taken
+between polls hold the state at their position; a dead child is an error, not a hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import orjson
+import pytest
+from river import datasets
+
+from worker.checkpoint import FileStore
+from worker.config import load_settings
+from worker.learner import InlineLearners, LearnerConfig, LearnerError, ProcessLearners
+from worker.learning import Engine
+from worker.runtime import Runtime
+from worker.state import loads_snapshot
+from worker.transports.file import FileSink, FileSource
+
+TREE = [{"tree.HoeffdingAdaptiveTreeClassifier": {"seed": 1}}]
+LINEAR = [{"preprocessing.StandardScaler": {}}, {"linear_model.LogisticRegression": {}}]
+
+
+def drifting(n: int, change_at: int) -> list[tuple[dict, int]]:
+    first = iter(datasets.synth.Agrawal(classification_function=0, seed=7))
+    second = iter(datasets.synth.Agrawal(classification_function=2, seed=8))
+    return [(x, int(y)) for x, y in (next(first) if i < change_at else next(second) for i in range(n))]
+
+
+def settings(pipeline=TREE, drift: dict | None = None, **extra):
+    return load_settings(data={"model": {"pipeline": pipeline}, "monitor": {"drift": drift or {}}, **extra}, env={})
+
+
+@pytest.mark.parametrize("policy", ["reset", "challenger"])
+def test_the_learner_process_gives_what_the_inline_learner_gives(policy):
+    s = settings(drift={"concept": {"policy": policy},
+                        "challenger": {"window": 300, "min_records": 300, "margin": 0.02}})
+    records = drifting(9_000, 3_000)
+    results = {}
+    for host in (InlineLearners(LearnerConfig(s)), ProcessLearners(LearnerConfig(s))):
+        engine = Engine(s)
+        host.load(engine.new_state("s"))
+        got = []
+        for start in range(0, len(records), 700):
+            chunk = records[start : start + 700]
+            positions = list(range(start, start + len(chunk)))
+            got += host.exchange([("s", [x for x, _ in chunk], [y for _, y in chunk], positions, positions, None)])
+        got += host.collect()
+        host.close()
+        results[type(host).__name__] = [
+            (r.preds, r.extras, r.versions, r.version_before, r.version, r.events, r.changed, r.challenger) for r in got
+        ]
+    inline, process = results["InlineLearners"], results["ProcessLearners"]
+    assert process == inline
+    assert any(r[5] for r in inline), "the policy never acted"
+    assert inline[-1][4] > 1, "the model was never replaced"
+
+
+def write_input(path, n: int, bad_every: int = 997) -> None:
+    with open(path, "wb") as f:
+        for i, (x, y) in enumerate(drifting(n, n // 2)):
+            line = b'{"id": %d, "x": {"a": NaN}}' % i if i % bad_every == 5 else orjson.dumps(
+                {"id": i, "ts": float(i), "x": x, "y": y})
+            f.write(line + b"\n")
+
+
+class Recording(FileStore):
+    """A file store that also keeps every snapshot it was given."""
+
+    def __init__(self, directory):
+        super().__init__(directory)
+        self.saved: list[bytes] = []
+
+    def save(self, shard: str, blob: bytes) -> None:
+        self.saved.append(blob)
+        super().save(shard, blob)
+
+
+def run_worker(tmp_path, tag: str, s, data) -> tuple[dict, Recording]:
+    out = tmp_path / tag
+    out.mkdir()
+    paths = {k: str(out / f"{k}.jsonl") for k in ("predictions", "drift", "metrics", "dead_letter")}
+    store = Recording(out / "state")
+    engine = Engine(s)
+    Runtime(engine, FileSource(str(data)), FileSink(paths), store).run()
+    outputs = {}
+    for kind, p in paths.items():
+        rows = [orjson.loads(line) for line in open(p, "rb")]
+        if kind != "predictions":  # (their ts is the wall clock; predictions carry the record's)
+            for row in rows:
+                row.pop("ts", None)
+        outputs[kind] = rows
+    return outputs, store
+
+
+@pytest.mark.parametrize("policy", ["alert", "freeze"])
+def test_outputs_and_snapshots_do_not_depend_on_where_the_model_learns(tmp_path, policy):
+    """With snapshots every 700 records over 200-record polls, each snapshot between polls
+    (overlapped with learning, or drained under the freeze policy) equals the state of a
+    plain shard that processed exactly the records before its position."""
+    data = tmp_path / "in.jsonl"
+    write_input(data, 6_000)
+    common = dict(pipeline=LINEAR, drift={"data": {"policy": policy, "reference_size": 500, "window": 500}},
+                  record={"timestamp": "ts"}, limits={"batch_size": 200},
+                  checkpoint={"store": "file:///unused", "every_records": 700, "every_seconds": 3600})
+    runs = {mode: run_worker(tmp_path, mode, settings(learner=mode, **common), data) for mode in ("inline", "process")}
+    (inline, inline_store), (process, process_store) = runs["inline"], runs["process"]
+    assert process == inline
+    assert len(inline["predictions"]) == 6_000 - len(inline["dead_letter"]) and inline["dead_letter"]
+
+    lines = data.read_bytes().splitlines()
+    spec = Engine(settings(**common)).spec
+    probe = {"salary": 50_000.0, "commission": 0.0, "age": 40, "elevel": 2, "car": 3, "zipcode": 1,
+             "hvalue": 100_000.0, "hyears": 10, "loan": 200_000.0}
+    for store in (inline_store, process_store):
+        states = [loads_snapshot(blob, spec) for blob in store.saved]
+        between = [st for st in states if 0 < st.position < 6_000]
+        assert len(between) >= 6, "no snapshots were taken between polls"
+        for st in between:
+            ref = Engine(settings(**common)).shard("in")
+            for start in range(0, st.position, 200):
+                end = min(start + 200, st.position)
+                ref.process(lines[start:end], list(range(start, end)), now=0.0)
+            assert st.position == ref.state.position
+            assert st.records_seen == ref.state.records_seen
+            assert st.model.predict_proba_one(probe) == ref.state.model.predict_proba_one(probe)
+            assert st.quality.report() == ref.state.quality.report()
+            assert st.data_drift.statistics() == ref.state.data_drift.statistics()
+            assert st.concept.detector.total == ref.state.concept.detector.total
+
+
+def test_a_dead_learner_process_is_an_error_not_a_hang():
+    s = settings(pipeline=LINEAR)
+    host = ProcessLearners(LearnerConfig(s))
+    host.load(Engine(s).new_state("s"))
+    host.exchange([("s", [{"a": 1.0}], [1], [0], [0], None)])
+    assert len(host.collect()) == 1  # a first answer came back
+    os.kill(host._proc.pid, signal.SIGKILL)
+    host._proc.join(5)
+    with pytest.raises(LearnerError, match="died"):
+        host.exchange([("s", [{"a": 1.0}], [1], [1], [1], None)])
+        host.collect()
+    host.close()
+
+
+def test_a_failing_learner_process_reports_its_traceback():
+    s = settings(pipeline=LINEAR)
+    host = ProcessLearners(LearnerConfig(s))
+    host.exchange([("nobody", [{"a": 1.0}], [1], [0], [0], None)])  # no learner for this shard
+    with pytest.raises(LearnerError, match="KeyError"):
+        host.collect()
+    host.close()
+
+
+def test_the_learner_process_ignores_sigterm_and_leaves_when_the_pipe_closes():
+    host = ProcessLearners(LearnerConfig(settings(pipeline=LINEAR)))
+    os.kill(host._proc.pid, signal.SIGTERM)  # what a terminal or a container runtime may send the group
+    host.load(Engine(settings(pipeline=LINEAR)).new_state("s"))
+    assert host.dump("s")  # still serving
+    host.close()
+    assert host._proc.exitcode == 0
+
+
+def test_requests_with_nothing_in_flight_are_answered_in_order():
+    s = settings(pipeline=LINEAR)
+    batches = [[{"a": float(i)} for i in range(k, k + 3)] for k in range(0, 9, 3)]
+    answers = {}
+    for host in (InlineLearners(LearnerConfig(s)), ProcessLearners(LearnerConfig(s))):
+        host.load(Engine(s).new_state("s"))
+        assert host.exchange([]) == [] and not host.pending
+        got = [host.exchange([("s", xs, [1, 0, 1], [0, 1, 2], [0, 1, 2], None)]) for xs in batches]
+        got.append(host.collect())
+        assert [len(g) for g in got] == [0, 1, 1, 1] and not host.pending
+        answers[type(host).__name__] = [r.extras for g in got for r in g]
+        host.close()
+    assert answers["ProcessLearners"] == answers["InlineLearners"]
+    assert len({orjson.dumps(e, option=orjson.OPT_NON_STR_KEYS) for e in answers["InlineLearners"]}) == 3
