@@ -92,7 +92,7 @@ class Runtime:
             state, own = self._restore(name)
             shard = self.engine.shard(name, state)
             self.shards[name] = shard
-            self.learners.load(shard.state)
+            self.learners.load(shard.state, fresh=state is None)
             committed = self.source.committed(name)
             self.publish_from[name] = max(shard.state.position, committed or 0)
             if own:
