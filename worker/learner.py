@@ -244,8 +244,7 @@ class Learner:
                     self._settle_challenger(events, verdict, rids[i], positions[i])
                     acted = True
             if concept is not None:
-                err = (abs(y - pred) if pred is not None else abs(y)) if regression else (0.0 if pred == y else 1.0)
-                if err - err == 0 and concept.update(err):  # (a NaN or infinite error is not fed)
+                if concept.observe(y, pred, regression):
                     events.append({**concept.event(rids[i], positions[i]), "model_version": state.model_version})
                     self._apply_concept_policy(events, rids[i], positions[i])
                     acted = True
@@ -266,10 +265,7 @@ class Learner:
             errors=errors,
             events=events,
             changed=changed,
-            challenger=None if challenger is None else {
-                "started_at": challenger.started_at, "records": challenger.seen,
-                "scores": dict(zip(("champion", "challenger"), challenger.scores())),
-            },
+            challenger=None if challenger is None else challenger.summary(),
             seconds=time.perf_counter() - started,
         )
 
@@ -398,6 +394,9 @@ class InlineLearners:
         dumps, self._dumps = self._dumps, None
         return dumps
 
+    def ready(self) -> None:
+        """Nothing to wait for."""
+
     def dump(self, shard: str) -> bytes | None:
         """None: the shard's state object already holds its learner fields."""
         return None
@@ -435,6 +434,11 @@ class ProcessLearners:
         self._awaiting = False  # a learn reply not read yet
         self._buffered: Any = None  # a learn reply read early (decoded)
         self._dumps: dict[str, bytes] | None = None
+
+    def ready(self) -> None:
+        """Wait until the child is up (the first message would wait anyway)."""
+        if self._start_timeout is not None:
+            self._wait_ready()
 
     def _wait_ready(self) -> None:
         timeout, self._start_timeout = self._start_timeout, None
@@ -551,8 +555,12 @@ def _serve(conn: Any, config: LearnerConfig) -> None:
     """The child's loop: one message in, at most one reply out, until the pipe closes."""
     import gc
 
+    from worker.logs import setup_logging
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    telemetry = config.settings.telemetry
+    setup_logging(telemetry.log_level, telemetry.log_format)  # the worker's format, on the same stderr
     learners: dict[str, Learner] = {}
     gc.freeze()  # the imported modules live as long as the process
     # Each batch makes ~10 short-lived objects per record, all freed by reference counting;

@@ -122,9 +122,7 @@ class Shard:
         self._key_field = s.record.key is not None
         task = engine.task
         self._extra_name = "proba" if task == "classification" and s.model.proba else "score" if task == "anomaly" else None
-        c = state.challenger
-        self._challenger = None if c is None else {
-            "started_at": c.started_at, "records": c.seen, "scores": dict(zip(("champion", "challenger"), c.scores()))}
+        self._challenger = None if state.challenger is None else state.challenger.summary()
         tel = engine.telemetry
         self._c_learned = tel.records.labels(outcome="learned")
         self._c_predicted = tel.records.labels(outcome="predicted")
@@ -324,10 +322,8 @@ class Shard:
             elif y is not None:
                 add_labelled((y, pred, extra))
                 n_learn += 1
-                if concept is not None:  # (the alert policy: the error stream is only watched)
-                    err = (abs(y - pred) if pred is not None else abs(y)) if regression else (0.0 if pred == y else 1.0)
-                    if err - err == 0 and concept.update(err):  # (a NaN or infinite error is not fed)
-                        self._emit_drift(out, concept.event(rid, pos), now, publish_from, version)
+                if concept is not None and concept.observe(y, pred, regression):  # (alert policy: watched here)
+                    self._emit_drift(out, concept.event(rid, pos), now, publish_from, version)
             else:
                 n_pred += 1
         return n_pred, n_learn, labelled, outputs_all

@@ -76,6 +76,11 @@ class Challenger:
         self.sums[0] += a
         self.sums[1] += b
 
+    def summary(self) -> dict:
+        """What a metrics report says of the challenger."""
+        return {"started_at": self.started_at, "records": self.seen,
+                "scores": dict(zip(("champion", "challenger"), self.scores()))}
+
     def scores(self) -> tuple[float, float]:
         """Rolling (champion, candidate) accuracy, or MAE for regressors."""
         n = len(self.champion) or 1

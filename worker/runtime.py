@@ -16,9 +16,11 @@ process. Each step polls a batch, decodes it (:meth:`Shard.begin`), collects the
 results for the previous poll, submits the new one, and only then encodes and publishes
 the previous poll's outputs (:meth:`Shard.finish`): the child learns poll k+1 while this
 process finishes poll k and fetches poll k+2. At most one poll is in flight. A shard's
-position moves when its outputs are published, so a commit never covers a record in flight;
-before a snapshot, a revoke or the final commit the poll in flight is finished (drained);
-on a rewind or a lost partition it is thrown away with the state it came from.
+position moves when its outputs are published, so a commit never covers a record in flight.
+A periodic snapshot is taken between two polls without stopping the learner
+(:meth:`Runtime._begin_snapshot`); before a revoke, the final commit and a checkpoint under
+the data-drift freeze policy the poll in flight is finished first (drained); on a rewind or
+a lost partition it is thrown away with the state it came from.
 
 A sink with a ``commit_every`` attribute (Kafka) is also committed that often between
 snapshots. Positions are committed only once a shard has caught up with its committed

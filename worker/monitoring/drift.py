@@ -88,6 +88,19 @@ class ConceptDrift:
         self.last_direction = "unknown" if after is None else ("degradation" if after > before else "improvement")
         return not (self.degradation_only and self.last_direction == "improvement")
 
+    def observe(self, y: Any, prediction: Any, regression: bool) -> bool:
+        """Feed one labelled record's error (absolute for regression, 0/1 otherwise); True on an alarm.
+
+        A NaN or infinite error (an overflowing regressor) is not fed.
+        """
+        if regression:
+            err = abs(y - prediction) if prediction is not None else abs(y)
+            if err - err != 0:
+                return False
+        else:
+            err = 0.0 if prediction == y else 1.0
+        return self.update(err)
+
     def event(self, record_id: Any, position: int) -> dict[str, Any]:
         return {
             "event": "drift",
