@@ -92,21 +92,10 @@ def make_step(model: base.Estimator, task: str, with_proba: bool = True, thresho
                 return pred, proba
 
         else:
-
-            def step(x: dict, y: Any) -> tuple[Any, Any]:
-                pred = predict(x)
-                if y is not None:
-                    learn(x, y)
-                return pred, None
+            step = _predict_then_learn(predict, learn)
 
     elif task == "regression":
-        predict = model.predict_one
-
-        def step(x: dict, y: Any) -> tuple[Any, Any]:
-            pred = predict(x)
-            if y is not None:
-                learn(x, y)
-            return pred, None
+        step = _predict_then_learn(model.predict_one, learn)
 
     elif task == "clustering":
         predict = model.predict_one
@@ -123,6 +112,16 @@ def make_step(model: base.Estimator, task: str, with_proba: bool = True, thresho
             score = score_one(x)
             learn(x)
             return (score >= threshold if threshold is not None else None), score
+
+    return step
+
+
+def _predict_then_learn(predict: Callable, learn: Callable) -> Step:
+    def step(x: dict, y: Any) -> tuple[Any, Any]:
+        pred = predict(x)
+        if y is not None:
+            learn(x, y)
+        return pred, None
 
     return step
 
@@ -562,6 +561,7 @@ def _serve(conn: Any, config: LearnerConfig) -> None:
     telemetry = config.settings.telemetry
     setup_logging(telemetry.log_level, telemetry.log_format)  # the worker's format, on the same stderr
     learners: dict[str, Learner] = {}
+    config.new_model()  # imports the spec's river modules now, during start-up, not at the first shard
     gc.freeze()  # the imported modules live as long as the process
     # Each batch makes ~10 short-lived objects per record, all freed by reference counting;
     # the default threshold (700) would run ~40 young collections per batch over them.

@@ -245,7 +245,9 @@ class Runtime:
     def _step(self, batch_size: int) -> list:
         """One poll: begin its batches, hand them to the learners, publish the previous poll's
         outputs, then commit / checkpoint when due."""
-        batches = self.source.poll(batch_size, 0.1)
+        # With a poll in flight, take only what is already there: its outputs must not wait
+        # for the next records (they are published after the next poll).
+        batches = self.source.poll(batch_size, 0.0 if self._inflight else 0.1)
         if self._rewind_pending:  # shards were lost with uncommitted outputs of the others
             self.rewind()
             return batches
