@@ -121,7 +121,7 @@ class ConceptDrift:
 
 @functools.lru_cache(maxsize=1024)
 def _chi2_quantile(dof: int) -> float:
-    from scipy.stats import chi2  # (half a second to import: only where data drift is tested)
+    from scipy.stats import chi2  # (half a second to import: not in the learner process, which never tests)
 
     return float(chi2.ppf(1 - _NOISE_P, dof))
 
@@ -234,6 +234,7 @@ class DistributionDrift:
         self.test = test
         self.threshold = threshold if threshold is not None else (0.2 if test == "ks" else 0.25)
         self.bins = bins
+        _chi2_quantile(max(1, bins - 1))  # imports scipy.stats now (start-up), not at the first test mid-stream
         self.max_categories = max_categories
         self.max_features = max_features
         self.seen = 0
