@@ -348,6 +348,12 @@ class Learner:
 #: One learn request per shard batch: (shard, xs, ys, record ids, positions, frozen or None).
 Request = tuple[str, list, list, list, list, "list[bool] | None"]
 
+
+def _dump_all(learners: dict[str, Learner], config: LearnerConfig) -> dict[str, bytes]:
+    """Every learner's fields, pickled as they are now (the learner's half of a snapshot)."""
+    return {name: pickle_learner(learner.state, config.fields) for name, learner in learners.items()}
+
+
 class InlineLearners:
     """The learners of a worker, in this process: :meth:`exchange` computes at once.
 
@@ -377,7 +383,7 @@ class InlineLearners:
         now (see :meth:`take_dumps`), and ``requests`` learned."""
         previous = self.collect() if self.pending else []
         if requests or dump:
-            dumps = {n: pickle_learner(lr.state, self.config.fields) for n, lr in self._learners.items()} if dump else None
+            dumps = _dump_all(self._learners, self.config) if dump else None
             self._results = ([self._learners[r[0]].learn(*r[1:]) for r in requests], dumps)
         return previous
 
@@ -577,7 +583,7 @@ def _serve(conn: Any, config: LearnerConfig) -> None:
             except (EOFError, OSError):
                 return
             if data[:1] in (b"L", b"D"):  # learn (D: dump every learner first)
-                dumps = {n: pickle_learner(lr.state, config.fields) for n, lr in learners.items()} if data[:1] == b"D" else None
+                dumps = _dump_all(learners, config) if data[:1] == b"D" else None
                 results = [learners[r[0]].learn(*r[1:]) for r in orjson.loads(memoryview(data)[1:])]
                 conn.send_bytes(pickle.dumps(("ok", (results, dumps)), protocol=5))
                 continue

@@ -129,7 +129,10 @@ class Shard:
         self._c_filtered = tel.records.labels(outcome="filtered")
         self._c_dead = tel.records.labels(outcome="dead_letter")
         self._c_replayed = tel.records.labels(outcome="replayed")
-        tel.model_version.labels(shard=state.shard).set(state.model_version)
+        #: The version of the model behind the outputs finished last. The state's own
+        #: ``model_version`` belongs to the learner, which may already be a batch ahead.
+        self._version = state.model_version
+        tel.model_version.labels(shard=state.shard).set(self._version)
 
     def process(
         self,
@@ -244,11 +247,11 @@ class Shard:
         n_pred, n_learn, labelled, outputs_all = self._predictions(out, pending, result)
         for event in result.events:  # (each carries the version it was raised under)
             self._emit_drift(out, event, now, publish_from)
-        state.model_version = result.version
+        self._version = result.version
         self._challenger = result.challenger
         if result.changed:  # a new model: new prediction-drift reference
             state.prediction_drift = _distribution("prediction", self.engine.settings.monitor.drift.prediction)
-            self.engine.telemetry.model_version.labels(shard=state.shard).set(state.model_version)
+            self.engine.telemetry.model_version.labels(shard=state.shard).set(self._version)
 
         # 4. Monitor: quality metrics, prediction drift, periodic report
         state.position = pending.last_position + 1
@@ -338,7 +341,7 @@ class Shard:
     def _emit_drift(self, out: Outputs, event: dict, now: float, publish_from: int, version: int | None = None) -> None:
         """A drift-output event (drift, drift_cleared, model_reset, challenger_*, promotion).
 
-        Its ``model_version`` is the event's own, else ``version``, else the shard's current one.
+        Its ``model_version`` is the event's own, else ``version``, else that of the last batch finished.
         """
         if event["position"] < publish_from:
             return
@@ -347,7 +350,7 @@ class Shard:
             self.engine.telemetry.drift_events.labels(
                 signal=event["signal"], detector=event["detector"], shard=state.shard
             ).inc()
-        version = event.get("model_version", state.model_version if version is None else version)
+        version = event.get("model_version", self._version if version is None else version)
         out.drift.append((None, dumps({**event, "shard": state.shard, "model_version": version, "ts": now})))
 
     def pending_report(self, now: float | None = None) -> bytes | None:
@@ -378,7 +381,7 @@ class Shard:
             {
                 "event": "metrics",
                 "shard": state.shard,
-                "model_version": state.model_version,
+                "model_version": self._version,
                 "position": state.position,
                 "records": state.records_seen,
                 **metrics,

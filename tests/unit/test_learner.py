@@ -94,20 +94,31 @@ def run_worker(tmp_path, tag: str, s, data) -> tuple[dict, Recording]:
     return outputs, store
 
 
-@pytest.mark.parametrize("policy", ["alert", "freeze"])
-def test_outputs_and_snapshots_do_not_depend_on_where_the_model_learns(tmp_path, policy):
+DATA = {"reference_size": 500, "window": 500}
+
+
+@pytest.mark.parametrize("drift", [
+    {"data": {"policy": "alert", **DATA}},
+    {"data": {"policy": "freeze", **DATA}},
+    {"data": DATA, "concept": {"policy": "reset", "detector": {"drift.ADWIN": {"delta": 0.01}}}},
+], ids=["alert", "freeze", "reset"])
+def test_outputs_and_snapshots_do_not_depend_on_where_the_model_learns(tmp_path, drift):
     """With snapshots every 700 records over 200-record polls, each snapshot between polls
     (overlapped with learning, or drained under the freeze policy) equals the state of a
-    plain shard that processed exactly the records before its position."""
+    plain shard that processed exactly the records before its position; under the reset
+    policy the model versions of the outputs are the same too."""
     data = tmp_path / "in.jsonl"
     write_input(data, 6_000)
-    common = dict(pipeline=LINEAR, drift={"data": {"policy": policy, "reference_size": 500, "window": 500}},
+    common = dict(pipeline=LINEAR, drift=drift,
                   record={"timestamp": "ts"}, limits={"batch_size": 200},
                   checkpoint={"store": "file:///unused", "every_records": 700, "every_seconds": 3600})
     runs = {mode: run_worker(tmp_path, mode, settings(learner=mode, **common), data) for mode in ("inline", "process")}
     (inline, inline_store), (process, process_store) = runs["inline"], runs["process"]
     assert process == inline
     assert len(inline["predictions"]) == 6_000 - len(inline["dead_letter"]) and inline["dead_letter"]
+    if "concept" in drift:
+        assert any(e["event"] == "model_reset" for e in inline["drift"]), "no reset happened"
+        assert inline["predictions"][-1]["model_version"] > 1
 
     lines = data.read_bytes().splitlines()
     spec = Engine(settings(**common)).spec
@@ -124,6 +135,7 @@ def test_outputs_and_snapshots_do_not_depend_on_where_the_model_learns(tmp_path,
                 ref.process(lines[start:end], list(range(start, end)), now=0.0)
             assert st.position == ref.state.position
             assert st.records_seen == ref.state.records_seen
+            assert st.model_version == ref.state.model_version
             assert st.model.predict_proba_one(probe) == ref.state.model.predict_proba_one(probe)
             assert st.quality.report() == ref.state.quality.report()
             assert st.data_drift.statistics() == ref.state.data_drift.statistics()
