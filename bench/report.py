@@ -19,6 +19,13 @@ def _spread(values: list[float], fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}-{fmt.format(s['max'])})"
 
 
+def _transit(lat: dict) -> str:
+    """After the worker's produce(): its producer, the broker and the reader."""
+    if lat.get("transit_p50_ms") is None:
+        return "-"
+    return f"{lat['transit_p50_ms']:.1f}/{lat['transit_p99_ms']:.1f}"
+
+
 def _median(row: dict | None, key: str = "ratios") -> float | None:
     return summary(row[key])["median"] if row and row.get(key) else None
 
@@ -90,16 +97,17 @@ def markdown(results: dict) -> str:
         lines += ["", "## Latency, record to prediction, seen by a read_committed reader of the predictions", "",
                   "Half load: half the worker's median throughput on that broker in this run (the goals); low: 1,000 "
                   "records/s (the floor set by batching, linger and commit intervals). The load generator and the "
-                  "reader run on the same 2 cores.", "",
-                  "| delivery | broker | load | rate (records/s) | p50 ms | p99 ms | max ms | received/sent |",
-                  "|---|---|---|---:|---:|---:|---:|---:|"]
+                  "reader run on the same 2 cores. Transit: from the worker's produce() (the outputs' Kafka timestamps) "
+                  "to the reader.", "",
+                  "| delivery | broker | load | rate (records/s) | p50 ms | p99 ms | max ms | transit p50/p99 ms | received/sent |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in results["latency"]:
             if r.get("p99_ms") is None:
                 lines.append(f"| {r['delivery']} | {r['broker']} | {r.get('load')} | not measured: "
-                             f"{r.get('error', 'no predictions')} | | | | |")
+                             f"{r.get('error', 'no predictions')} | | | | | |")
                 continue
             lines.append(f"| {r['delivery']} | {r['broker']} | {r['load']} | {r['rate']:,.0f} | {r['p50_ms']:.1f} | "
-                         f"{r['p99_ms']:.1f} | {r['max_ms']:.1f} | {r['received']:,}/{r['sent']:,} |")
+                         f"{r['p99_ms']:.1f} | {r['max_ms']:.1f} | {_transit(r)} | {r['received']:,}/{r['sent']:,} |")
     sc = results.get("scaling")
     if sc:
         lines += ["", f"## Scaling: 1 vs 2 worker processes, 4 partitions, {sc['delivery']} on {sc['broker']}", "",
