@@ -7,6 +7,8 @@ Sections (``--only`` takes any of them, comma-separated or repeated):
 - ``limit``: the plain river loop (``predict_one`` then ``learn_one``) over pre-decoded
   Agrawal records, for each model family: the ceiling no worker can beat;
 - ``file``: this worker on the file transport, alternated with the plain loop;
+- ``minibatch``: ``model.mini_batch`` (groups of 500, 1,000, 2,000) against the per-record
+  limit: the learner stage and the whole file worker, and the predictions it changes;
 - ``kafka``: on each broker, hand-written confluent-kafka loops (at-least-once,
   transactional), Quix Streams (at-least-once, exactly-once) and this worker (at-least-once,
   exactly-once), each against the plain loop measured right before it (``bench.contenders``);
@@ -32,13 +34,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import contenders, harness, latency, scaling
+from bench import contenders, harness, latency, minibatch, scaling
 from bench.common import FAMILIES, REFERENCE_PIPELINE, agrawal, pin_hash_seed, plain_loop, summary, write_jsonl
 from bench.file_transport import worker_run
 from bench.report import write_all
 from bench.width import write_data
 
-SECTIONS = ("limit", "file", "kafka", "latency", "scaling", "width")
+SECTIONS = ("limit", "file", "minibatch", "kafka", "latency", "scaling", "width")
 #: KNN and ARF run ~1,000 records/s: they get fewer records than the others (rates are per record).
 SLOW_FAMILIES = {"KNNClassifier", "ARFClassifier"}
 #: The latency floor is taken at this rate (records/s), besides half the worker's maximum.
@@ -168,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     if "file" in only:
         log("== this worker on the file transport")
         throughput.append(file_worker(records, repeat))
+    if "minibatch" in only:
+        log("== the mini-batch path against the per-record limit")
+        sizes = [1000] if args.quick else [500, 1000, 2000]
+        results["minibatch"] = minibatch.measure(records, sizes, min(repeat, 3), lambda m: log(m.strip()))
     latencies: list[dict] = []
     for i, name in enumerate(brokers):
         if not only & {"kafka", "latency", "scaling"}:

@@ -26,7 +26,10 @@ from worker.runtime import Runtime
 from worker.transports.file import FileSink, FileSource
 
 
-def worker_run(data: Path, workdir: Path, checkpoints: bool = True) -> float:
+def worker_run(data: Path, workdir: Path, checkpoints: bool = True, model: dict | None = None,
+               batch_size: int | None = None) -> float:
+    """Seconds the worker takes over ``data``; ``model``: settings over the reference model's
+    (e.g. ``{"mini_batch": 1000}``), ``batch_size``: ``limits.batch_size``."""
     out = workdir / "out"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(workdir / "state", ignore_errors=True)
@@ -34,8 +37,9 @@ def worker_run(data: Path, workdir: Path, checkpoints: bool = True) -> float:
         data={
             "source": {"type": "file", "file": {"path": str(data)}},
             "outputs": {k: str(out / f"{k}.jsonl") for k in ("predictions", "drift", "metrics", "dead_letter")},
-            "model": {"task": "classification", "pipeline": REFERENCE_PIPELINE},
+            "model": {"task": "classification", "pipeline": REFERENCE_PIPELINE, **(model or {})},
             "checkpoint": {"store": f"file://{workdir / 'state'}" if checkpoints else None, "every_records": 10000},
+            **({"limits": {"batch_size": batch_size}} if batch_size else {}),
             "telemetry": {"port": None},
         },
         env={},

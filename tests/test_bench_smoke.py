@@ -37,6 +37,8 @@ def test_quick_run_writes_every_result(tmp_path):
     assert [lat["delivery"] for lat in results["latency"] if lat.get("p99_ms") is not None] == ["exactly_once"]
     assert results["scaling"]["one"] and results["scaling"]["two"]
     assert [w["features"] for w in results["width"]] == [10, 100]
+    assert [r["mini_batch"] for r in results["minibatch"]["rows"]] == [0, 1000]
+    assert all(r["learner_ratios"] and r["worker_ratios"] for r in results["minibatch"]["rows"])
     table = (tmp_path / "results.md").read_text()
-    assert "## Goals (issue 6)" in table and "exactly-once >= 0.85" in table
+    assert "## Goals (issue 6)" in table and "exactly-once >= 0.85" in table and "## Mini-batch mode" in table
     assert (tmp_path / "throughput.png").stat().st_size > 10_000

@@ -32,6 +32,7 @@ Two hosts keep a worker's learners, with the same interface:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import pickle
 import signal
@@ -282,17 +283,20 @@ class Learner:
         results: list = []
         size = self.config.mini_batch
         for start in range(0, len(xs), size):
-            X = pd.DataFrame(list(xs[start : start + size]))
-            if X.isna().to_numpy().any() or any(t == object for t in X.dtypes):
+            X = _frame(xs[start : start + size])
+            if X is None:
                 return None
             learn = [i for i in range(len(X)) if ys[start + i] is not None and not (frozen and frozen[start + i])]
             try:
                 if classification and self.config.with_proba:
                     P = model.predict_proba_many(X)
                     labels = P.columns.tolist()
-                    rows = P.to_numpy().tolist()
-                    results += [(labels[max(range(len(row)), key=row.__getitem__)] if row else None, dict(zip(labels, row)))
-                                for row in rows]
+                    values = P.to_numpy()
+                    rows = values.tolist()
+                    if labels:  # the arg-max, first of equals, as predict_one takes it
+                        results += [(labels[j], dict(zip(labels, row))) for j, row in zip(values.argmax(axis=1).tolist(), rows)]
+                    else:
+                        results += [(None, {}) for _ in rows]
                 else:
                     results += [(p, None) for p in model.predict_many(X).tolist()]
                 if learn:
@@ -342,6 +346,29 @@ class Learner:
                            "model_version": state.model_version})
         else:
             events.append({"event": "challenger_discarded", **event, "model_version": state.model_version})
+
+
+def _frame(xs: Sequence[dict]) -> Any:
+    """The records as one numeric pandas frame, or None when they cannot be one: keys that
+    differ (or come in another order) from record to record, a missing value, a value that
+    is not a number. Built from one flat array rather than from the dicts (several times
+    faster at 10 features)."""
+    import numpy as np
+    import pandas as pd
+
+    keys = list(xs[0])
+    if not all(list(x) == keys for x in xs):
+        return None
+    try:
+        values = np.array(list(itertools.chain.from_iterable(x.values() for x in xs)))
+    except (TypeError, ValueError):  # e.g. a list among numbers
+        return None
+    if values.dtype.kind not in "biuf" or values.size != len(xs) * len(keys):
+        return None  # a string, None, a list...: record by record decides what the model makes of it
+    values = values.reshape(len(xs), len(keys))
+    if values.dtype.kind == "f" and np.isnan(values).any():
+        return None
+    return pd.DataFrame(np.asfortranarray(values), columns=keys, copy=False)  # columns contiguous, as pandas keeps them
 
 
 # -- hosts -------------------------------------------------------------------------------

@@ -30,12 +30,30 @@ def test_mini_batch_equals_a_plain_many_loop():
     model = preprocessing.StandardScaler() | linear_model.LogisticRegression()
     expected = []
     for start in range(0, len(recs), 250):
-        X = pd.DataFrame([x for x, _ in recs[start : start + 250]])
+        X = pd.DataFrame([x for x, _ in recs[start : start + 250]]).astype(float)  # the worker's frames are float64
         P = model.predict_proba_many(X)
         expected += [{str(k).lower(): v for k, v in row.items()} for row in P.to_dict("records")]
         model.learn_many(X, pd.Series([y for _, y in recs[start : start + 250]]))
     assert [g["proba"] for g in got] == expected
     assert len(got) == 3_000
+
+
+@pytest.mark.parametrize(
+    "xs",
+    [
+        [{"a": 1.0, "b": 2.0}, {"b": 2.0, "a": 1.0}],  # another key order
+        [{"a": 1.0}, {"a": None}],
+        [{"a": 1.0}, {"a": float("nan")}],
+        [{"a": 1.0}, {"a": "1.5"}],  # a numeric string is not a number
+        [{"a": 1.0}, {"a": [1.0]}],
+    ],
+)
+def test_frames_only_from_aligned_numbers(xs):
+    from worker.learner import _frame
+
+    assert _frame(xs) is None
+    frame = _frame([{"a": 1, "b": 2.5}, {"a": True, "b": 3}])
+    assert frame.columns.tolist() == ["a", "b"] and frame.to_numpy().tolist() == [[1.0, 2.5], [1.0, 3.0]]
 
 
 def test_mini_batch_falls_back_to_records_on_missing_values():
