@@ -5,7 +5,7 @@
 For each repetition, on the same Agrawal records (StandardScaler | LogisticRegression):
 the plain loop over pre-decoded dicts, then the worker with ``exactly_once`` and with
 ``at_least_once`` reading the JSON records from a 1-partition topic, publishing a
-prediction per record (plus metrics and drift events) and committing every 200 ms, with a
+prediction per record (plus metrics and drift events) and committing every 100 ms, with a
 snapshot every 10,000 records. The worker's time runs from its first consumed batch to
 the moment the last record's outputs are committed (group joins are not counted).
 Ratios are plain / worker; the median over the repetitions is reported.

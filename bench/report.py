@@ -151,7 +151,7 @@ def markdown(results: dict) -> str:
               "- The machine is shared: other work may have been running during this run (see the load average above); "
               "ratios are taken repetition by repetition to cancel most of it.",
               "- Quix Streams commits every 5 s by default (`commit_interval`); a run here lasts about a second, so "
-              "Quix commits once, at the end, while the worker commits every 200 ms and the hand-written loops every "
+              "Quix commits once, at the end, while the worker commits every 100 ms and the hand-written loops every "
               "500 records. This favours Quix.",
               "- The worker publishes more per record than the other contenders (class probabilities, model version, "
               "shard, position, timestamp) and also runs its monitors (data drift per feature, prediction drift, "

@@ -5,7 +5,7 @@
 
 The worker's own ``Runtime``, ``KafkaSource``/``KafkaSink`` (``open_kafka``) and file
 checkpoint store, started as ``worker run`` starts them (``gc.freeze()`` before the loop) and configured as a user would (StandardScaler | LogisticRegression,
-probabilities, drift and metrics on, snapshots every 10,000 records, commits every 200 ms).
+probabilities, drift and metrics on, snapshots every 10,000 records, commits every 100 ms).
 Two thin wrappers only observe: the source notes when the first record arrived and stops
 the runtime after ``N`` records (or, with ``--idle-stop``, once nothing arrived for that
 long: for several processes sharing a group); the sink notes when the last commit that

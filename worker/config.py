@@ -57,7 +57,7 @@ class KafkaSourceSettings(_Section):
         default_factory=dict, description="librdkafka settings for the producer only (over config)."
     )
     commit_every_ms: int = Field(
-        200, ge=1, description="How often outputs and offsets are committed (one transaction each, exactly_once)."
+        100, ge=1, description="How often outputs and offsets are committed (one transaction each, exactly_once)."
     )
     transactional_id: str | None = Field(
         None,
