@@ -6,8 +6,9 @@ For each repetition, on the same Agrawal records (StandardScaler | LogisticRegre
 the plain loop over pre-decoded dicts, then the worker with ``exactly_once`` and with
 ``at_least_once`` reading the JSON records from a 1-partition topic, publishing a
 prediction per record (plus metrics and drift events) and committing every 100 ms, with a
-snapshot every 10,000 records. The worker's time runs from its first consumed batch to
-the moment the last record's outputs are committed (group joins are not counted).
+snapshot every 10,000 records. The worker is :func:`bench.worker_kafka.run`, the one the
+suite's contenders run; its time runs from its first consumed batch to the return of its
+last commit that moved a position (group joins are not counted).
 Ratios are plain / worker; the median over the repetitions is reported.
 """
 
@@ -15,89 +16,33 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import shutil
 import statistics
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
-from bench.common import REFERENCE_PIPELINE, agrawal, pin_hash_seed, plain_loop
-from worker.checkpoint import FileStore
-from worker.config import load_settings
+from bench import worker_kafka
+from bench.common import agrawal, pin_hash_seed, plain_loop
+from bench.harness import outputs
 from worker.embedded import CONSUMER_OVERRIDES, EmbeddedBroker
 from worker.feeder import feed
-from worker.learning import Engine
-from worker.runtime import Runtime
-from worker.transports.kafka import create_topics, open_kafka
-
-
-class _Timed:
-    """Wraps the source: starts the clock at the first records, stops the runtime after ``n``."""
-
-    def __init__(self, inner, n: int):
-        self.inner = inner
-        self.n = n
-        self.seen = 0
-        self.first: float | None = None
-        self.runtime: Runtime | None = None
-
-    def poll(self, max_records: int, timeout: float):
-        batches = self.inner.poll(max_records, timeout)
-        if batches and self.first is None:
-            self.first = time.perf_counter()
-        self.seen += sum(len(b.values) for b in batches)
-        if self.seen >= self.n and self.runtime is not None:
-            self.runtime.stop()
-        return batches
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
+from worker.transports.kafka import create_topics
 
 
 def worker_run(bootstrap: str, topic: str, n: int, delivery: str, workdir: Path, batch: int) -> float:
-    tag = uuid.uuid4().hex[:8]
-    outs = {k: f"{k}-{tag}" for k in ("predictions", "drift", "metrics", "dead_letter")}
-    create_topics(bootstrap, outs.values(), partitions=1)
-    state = workdir / f"state-{tag}"
-    settings = load_settings(
-        data={
-            "source": {"type": "kafka", "kafka": {
-                "bootstrap_servers": bootstrap, "topics": [topic], "group_id": f"bench-{tag}",
-                "consumer": dict(CONSUMER_OVERRIDES), "transactional_id": f"bench-{tag}",
-            }},
-            "outputs": outs,
-            "model": {"task": "classification", "pipeline": REFERENCE_PIPELINE},
-            "checkpoint": {"store": f"file://{state}", "every_records": 10000, "every_seconds": 60},
-            "limits": {"batch_size": batch},
-            "telemetry": {"port": None},
-            "delivery": delivery,
-        },
-        env={},
-    )
-    engine = Engine(settings)
-    source, sink = open_kafka(settings, engine.telemetry)
-    timed = _Timed(source, n)
-    runtime = Runtime(engine, timed, sink, FileStore(state))
-    timed.runtime = runtime
-    ended: list[float] = []
-    close = source.close
-
-    def close_and_time() -> None:  # the final commit + snapshot happened just before
-        ended.append(time.perf_counter())
-        close()
-
-    timed.close = close_and_time  # type: ignore[method-assign]
-    gc.freeze()  # as `worker run` does before its loop
+    """Seconds from the worker's first consumed batch to its last position-moving commit
+    (:func:`bench.worker_kafka.run`, in this process, as the suite's contenders run it)."""
+    tag = f"bench-{uuid.uuid4().hex[:8]}"
+    create_topics(bootstrap, outputs(tag).values(), partitions=1)
+    store = workdir / f"state-{tag}"
     try:
-        runtime.run()
+        obs = worker_kafka.run(bootstrap, topic, tag, n, delivery, str(store), dict(CONSUMER_OVERRIDES), batch_size=batch)
     finally:
-        gc.unfreeze()
-    assert timed.first is not None and ended, "the worker consumed nothing"
-    shutil.rmtree(state, ignore_errors=True)
-    return ended[0] - timed.first
+        shutil.rmtree(store, ignore_errors=True)
+    assert obs.first is not None and obs.end is not None, "the worker consumed or committed nothing"
+    return obs.end - obs.first
 
 
 def main() -> None:

@@ -115,7 +115,10 @@ class TimedSink:
 
 def run(bootstrap: str, topic: str, tag: str, records: int | None, delivery: str, store: str,
         consumer_config: dict, transactional_id: str | None = None, idle_stop: float | None = None,
-        group: str | None = None, status: Path | None = None) -> _Observer:
+        group: str | None = None, status: Path | None = None, batch_size: int | None = None) -> _Observer:
+    """Run the worker until ``records`` were consumed (or it idled ``idle_stop`` s); the observer
+    holds when the first record arrived and when the last position-moving commit returned.
+    ``batch_size``: ``limits.batch_size`` (default: the worker's)."""
     settings = load_settings(
         data={
             "source": {"type": "kafka", "kafka": {
@@ -126,6 +129,7 @@ def run(bootstrap: str, topic: str, tag: str, records: int | None, delivery: str
             "checkpoint": {"store": f"file://{store}"},
             "telemetry": {"port": None},
             "delivery": delivery,
+            **({"limits": {"batch_size": batch_size}} if batch_size else {}),
         },
         env={},
     )
@@ -152,9 +156,11 @@ def main() -> None:
     parser.add_argument("--idle-stop", type=float, help="stop once no record arrived for this many seconds")
     parser.add_argument("--consumer-config", default="{}", help="extra consumer settings (JSON)")
     parser.add_argument("--status", type=Path, help="write the number of owned shards here on each assignment change")
+    parser.add_argument("--batch-size", type=int, help="limits.batch_size (default: the worker's)")
     args = parser.parse_args()
     obs = run(args.bootstrap, args.topic, args.tag, args.records, args.delivery, args.store,
-              json.loads(args.consumer_config), args.transactional_id, args.idle_stop, args.group, args.status)
+              json.loads(args.consumer_config), args.transactional_id, args.idle_stop, args.group, args.status,
+              args.batch_size)
     result(obs.records, obs.first, obs.end)
 
 
