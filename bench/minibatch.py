@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -94,8 +93,8 @@ def main() -> None:
     args = parser.parse_args()
     result = measure(agrawal(args.records), [int(s) for s in args.sizes.split(",")], args.repeat)
     for r in result["rows"]:
-        print(f"mini_batch {r['mini_batch'] or 'off':>5}: learner stage {statistics.median(r['learner_ratios']):.2f}x, "
-              f"worker {statistics.median(r['worker_ratios']):.2f}x the per-record limit; accuracy {r['accuracy']:.4f}, "
+        print(f"mini_batch {r['mini_batch'] or 'off':>5}: learner stage {r['learner']['median']:.2f}x, "
+              f"worker {r['worker']['median']:.2f}x the per-record limit; accuracy {r['accuracy']:.4f}, "
               f"labels differing from record by record {r['labels_differ']:.2%}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

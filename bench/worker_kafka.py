@@ -15,7 +15,6 @@ moved a position returned.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import time
 from pathlib import Path
@@ -138,8 +137,7 @@ def run(bootstrap: str, topic: str, tag: str, records: int | None, delivery: str
     obs = _Observer(records, idle_stop)
     runtime = Runtime(engine, TimedSource(source, obs, status), TimedSink(sink, obs), open_store(settings.checkpoint.store))
     obs.runtime = runtime
-    gc.freeze()  # as ``worker run`` does before its loop
-    runtime.run()
+    runtime.run()  # (it calls gc.freeze() before its loop, as under ``worker run``)
     return obs
 
 
