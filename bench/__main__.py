@@ -14,7 +14,8 @@ Sections (``--only`` takes any of them, comma-separated or repeated):
   exactly-once), each against the plain loop measured right before it (``bench.contenders``);
 - ``latency``: record-to-prediction p50/p99 at half the worker's measured maximum rate (and
   at 1,000 records/s: the floor);
-- ``scaling``: 1 vs 2 worker processes on a 4-partition topic (first broker only);
+- ``scaling``: 1 vs 2 workers on a 4-partition topic, with the learner in its own process
+  (the default) and inline (first broker only);
 - ``width``: throughput and RSS against record width, 10 -> 1,000 features.
 
 Writes ``bench/results/results.md``, ``results.json`` and ``throughput.png`` (``--out``).
@@ -235,23 +236,30 @@ def _probe_rate(broker: str, bootstrap: str, consumer_conf: dict, records: list,
     return rows[0]["rates"][0]
 
 
-def _scaling(broker: str, bootstrap: str, consumer_conf: dict, records: list, repeat: int, idle_stop: float) -> dict:
+def _scaling(broker: str, bootstrap: str, consumer_conf: dict, records: list, repeat: int, idle_stop: float) -> list[dict]:
+    """1 vs 2 workers, once with the default learner process (a worker is then two OS processes,
+    already on both cores) and once with ``learner: inline`` (one OS process per worker)."""
     values = harness.encode(records)
-    runs: dict[int, list[float]] = {1: [], 2: []}
-    errors = []
-    for _ in range(repeat):
-        for processes in (1, 2):
-            try:
-                res = scaling.measure(bootstrap, consumer_conf, values, processes, idle_stop)
-            except harness.ChildFailed as exc:
-                errors.append(str(exc))
-                log(f"  {processes} process(es): FAILED ({exc})")
-                continue
-            runs[processes].append(res["rate"])
-            log(f"  {processes} process(es): {res['rate']:,.0f} rec/s (records per process {res['per_process']})")
-    ratios = [b / a for a, b in zip(runs[1], runs[2])]
-    return {"broker": broker, "records": len(records), "delivery": "exactly_once", "one": runs[1], "two": runs[2],
-            "ratios": ratios, "ratio": summary(ratios) if ratios else None, "errors": errors}
+    rows = []
+    for learner in scaling.LEARNERS:
+        runs: dict[int, list[float]] = {1: [], 2: []}
+        errors = []
+        for _ in range(repeat):
+            for processes in (1, 2):
+                try:
+                    res = scaling.measure(bootstrap, consumer_conf, values, processes, idle_stop, learner=learner)
+                except harness.ChildFailed as exc:
+                    errors.append(str(exc))
+                    log(f"  learner {learner}, {processes} worker(s): FAILED ({exc})")
+                    continue
+                runs[processes].append(res["rate"])
+                log(f"  learner {learner}, {processes} worker(s): {res['rate']:,.0f} rec/s "
+                    f"(records per worker {res['per_process']})")
+        ratios = [b / a for a, b in zip(runs[1], runs[2])]
+        rows.append({"broker": broker, "learner": learner, "records": len(records), "delivery": "exactly_once",
+                     "one": runs[1], "two": runs[2], "ratios": ratios, "ratio": summary(ratios) if ratios else None,
+                     "errors": errors})
+    return rows
 
 
 if __name__ == "__main__":

@@ -6,9 +6,12 @@ partition owned, each process owning its share) the records are written, round-r
 the 4 partitions, and each process stops after ``idle_stop`` seconds without records. Throughput is
 ``records / (last commit of any process - first record of any process)``.
 
-This machine has 2 cores, shared by the broker, the producer and the workers: the ratio
-says how much of the second core the second process gets, not how the worker scales on a
-larger machine.
+Each configuration is measured with the learner in a child process (``learner: process``,
+the default: one worker is then two OS processes and already uses both cores) and inline
+(``learner: inline``: one OS process per worker, which is what the scale-out goal is about).
+
+This machine has 2 cores, shared by the broker and the workers: the ratio says how much of
+the second core the second worker gets, not how the worker scales on a larger machine.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from pathlib import Path
 from bench import harness as h
 
 PARTITIONS = 4
+#: Where each worker's model learns: in a child process (the default: one worker already uses
+#: both cores) and inline (one OS process per worker: what the scale-out itself gives).
+LEARNERS = ("process", "inline")
 
 
 def _settled(status: list[Path], processes: int) -> bool:
@@ -31,7 +37,8 @@ def _settled(status: list[Path], processes: int) -> bool:
 
 
 def measure(bootstrap: str, consumer_conf: dict, values: list[bytes], processes: int, idle_stop: float = 2.0,
-            timeout: float = 180.0) -> dict:
+            timeout: float = 180.0, learner: str = "process",
+            batch_size: int | None = None) -> dict:
     from worker.transports.kafka import create_topics
 
     tag = h.unique(f"scale{processes}")
@@ -47,6 +54,7 @@ def measure(bootstrap: str, consumer_conf: dict, values: list[bytes], processes:
                 "bench.worker_kafka", "--bootstrap", bootstrap, "--topic", topic, "--tag", tag,
                 "--group", f"{tag}-group", "--transactional-id", f"{tag}-txn-{i}", "--store", str(workdir / "state"),
                 "--idle-stop", str(idle_stop), "--status", str(status[i]), "--consumer-config", h.json_arg(consumer_conf),
+                "--learner", learner, *(["--batch-size", str(batch_size)] if batch_size else []),
             )
             procs.append(h.start(cmd, workdir / f"worker-{i}.log"))
         deadline = h.Deadline(60)
@@ -61,5 +69,5 @@ def measure(bootstrap: str, consumer_conf: dict, values: list[bytes], processes:
             h.stop(p)
     records = sum(r["records"] for r in results)
     seconds = max(r["end"] for r in results) - min(r["first"] for r in results if r["first"] is not None)
-    return {"processes": processes, "records": records, "seconds": seconds, "rate": records / seconds,
+    return {"processes": processes, "learner": learner, "records": records, "seconds": seconds, "rate": records / seconds,
             "per_process": [r["records"] for r in results]}

@@ -1,7 +1,7 @@
 """This worker on Kafka, timed like every other contender (see :mod:`bench.harness`).
 
     python -m bench.worker_kafka --bootstrap HOST:PORT --topic IN --tag RUN --records N
-        [--delivery exactly_once|at_least_once] [--idle-stop SECONDS]
+        [--delivery exactly_once|at_least_once] [--idle-stop SECONDS] [--learner process|inline]
 
 The worker's own ``Runtime``, ``KafkaSource``/``KafkaSink`` (``open_kafka``) and file
 checkpoint store, started as ``worker run`` starts them (``gc.freeze()`` before the loop) and configured as a user would (StandardScaler | LogisticRegression,
@@ -114,10 +114,11 @@ class TimedSink:
 
 def run(bootstrap: str, topic: str, tag: str, records: int | None, delivery: str, store: str,
         consumer_config: dict, transactional_id: str | None = None, idle_stop: float | None = None,
-        group: str | None = None, status: Path | None = None, batch_size: int | None = None) -> _Observer:
+        group: str | None = None, status: Path | None = None, batch_size: int | None = None,
+        learner: str | None = None) -> _Observer:
     """Run the worker until ``records`` were consumed (or it idled ``idle_stop`` s); the observer
     holds when the first record arrived and when the last position-moving commit returned.
-    ``batch_size``: ``limits.batch_size`` (default: the worker's)."""
+    ``batch_size``: ``limits.batch_size``; ``learner``: ``process`` or ``inline`` (defaults: the worker's)."""
     settings = load_settings(
         data={
             "source": {"type": "kafka", "kafka": {
@@ -129,6 +130,7 @@ def run(bootstrap: str, topic: str, tag: str, records: int | None, delivery: str
             "telemetry": {"port": None},
             "delivery": delivery,
             **({"limits": {"batch_size": batch_size}} if batch_size else {}),
+            **({"learner": learner} if learner else {}),
         },
         env={},
     )
@@ -155,10 +157,11 @@ def main() -> None:
     parser.add_argument("--consumer-config", default="{}", help="extra consumer settings (JSON)")
     parser.add_argument("--status", type=Path, help="write the number of owned shards here on each assignment change")
     parser.add_argument("--batch-size", type=int, help="limits.batch_size (default: the worker's)")
+    parser.add_argument("--learner", choices=["process", "inline"], help="where the model learns (default: the worker's)")
     args = parser.parse_args()
     obs = run(args.bootstrap, args.topic, args.tag, args.records, args.delivery, args.store,
               json.loads(args.consumer_config), args.transactional_id, args.idle_stop, args.group, args.status,
-              args.batch_size)
+              args.batch_size, args.learner)
     result(obs.records, obs.first, obs.end)
 
 
