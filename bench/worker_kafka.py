@@ -96,7 +96,10 @@ class TimedSource:
 
 
 class TimedSink:
-    """Delegates to the real sink; notes when the last position-moving commit returned."""
+    """Delegates to the real sink; notes when the last position-moving commit returned.
+
+    Only commits that wait count (``wait=False`` may leave the positions for later, and the
+    worker's last commit, at its stop, always waits)."""
 
     def __init__(self, inner: Any, observer: _Observer):
         self._inner, self._obs = inner, observer
@@ -105,9 +108,9 @@ class TimedSink:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def commit(self, positions: dict[str, int]) -> None:
-        self._inner.commit(positions)
-        if any(self._committed.get(k) != v for k, v in positions.items()):
+    def commit(self, positions: dict[str, int], wait: bool = True) -> None:
+        self._inner.commit(positions, wait=wait)
+        if wait and any(self._committed.get(k) != v for k, v in positions.items()):
             self._committed.update(positions)
             self._obs.end = time.time()
 

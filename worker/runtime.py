@@ -23,7 +23,9 @@ the data-drift freeze policy the poll in flight is finished first (drained); on 
 a lost partition it is thrown away with the state it came from.
 
 A sink with a ``commit_every`` attribute (Kafka) is also committed that often between
-snapshots. Positions are committed only once a shard has caught up with its committed
+snapshots, with ``wait=False``: such a sink may leave the commit for later instead of
+blocking (Kafka at-least-once commits what the broker acknowledged by then); every other
+commit (before a snapshot, a revoke, the stop) waits until the outputs are durable. Positions are committed only once a shard has caught up with its committed
 position (never backwards). When the sink raises :class:`~worker.transports.base.Rewind`
 (an aborted transaction) or :class:`~worker.errors.FencedError`, every owned shard is
 restored from its snapshot and read again (:meth:`Runtime.rewind`): nothing uncommitted
@@ -204,8 +206,11 @@ class Runtime:
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
 
-    def _commit(self) -> None:
-        self.sink.commit(self.positions())
+    def _commit(self, wait: bool = True) -> None:
+        if wait:
+            self.sink.commit(self.positions())
+        else:  # the periodic commit: a sink with commit_every may leave part of it for later
+            self.sink.commit(self.positions(), wait=False)
         self._last_commit = time.monotonic()
         self._fenced_in_row = 0
 
@@ -280,7 +285,7 @@ class Runtime:
         elif due and self._parts is None:
             self.checkpoint()
         elif self._commit_every is not None and now - self._last_commit >= self._commit_every:
-            self._commit()
+            self._commit(wait=False)
         return batches
 
     def _collect(self) -> list:

@@ -176,6 +176,94 @@ def test_commit_failures_are_translated(mock_cluster, code, fatal, raised):
     real.flush(1)
 
 
+class _HeldProducer:
+    """Holds every output until the test acknowledges it (or fails it): delivery on demand."""
+
+    def __init__(self):
+        self.held: list = []
+
+    def produce(self, topic, value, key=None, on_delivery=None):
+        self.held.append((value, on_delivery))
+
+    def deliver(self, values, err=None):
+        for item in [h for h in self.held if h[0] in values]:
+            self.held.remove(item)
+            item[1](err, None)
+
+    def poll(self, timeout=0):
+        return 0
+
+    def flush(self, timeout=None):
+        self.deliver([v for v, _ in self.held])
+        return 0
+
+    def __len__(self):
+        return len(self.held)
+
+
+class _OffsetSource(_Source):
+    def __init__(self):
+        self.commits: list = []
+        self.commit_failed = False
+
+    def commit_offsets(self, offsets, wait=True):
+        self.commits.append(({shard_name(tp.topic, tp.partition): tp.offset for tp in offsets}, wait))
+
+
+def _alo_sink(mock_cluster):
+    from worker.monitoring.telemetry import Telemetry
+
+    source = _OffsetSource()
+    sink = KafkaSink({"bootstrap.servers": mock_cluster, **QUIET}, {"predictions": "pred"}, source, Telemetry(),
+                     exactly_once=False)
+    sink.producer.flush(1)
+    sink.producer = _HeldProducer()
+    return sink, source
+
+
+def test_at_least_once_commits_only_acknowledged_outputs_in_order(mock_cluster):
+    sink, source = _alo_sink(mock_cluster)
+    sink.publish(Outputs(predictions=[(None, b"a1"), (None, b"a2")]))
+    sink.commit({"in-0": 2}, wait=False)  # epoch A sealed at 2, nothing acknowledged: nothing committed
+    sink.publish(Outputs(predictions=[(None, b"b1")]))
+    sink.commit({"in-0": 3}, wait=False)  # epoch B sealed at 3
+    assert source.commits == []
+    sink.producer.deliver([b"b1"])  # B acknowledged, A not: committing 3 would cover a1, a2
+    sink.commit({"in-0": 3}, wait=False)
+    assert source.commits == []
+    sink.producer.deliver([b"a1", b"a2"])
+    sink.commit({"in-0": 3}, wait=False)
+    assert source.commits == [({"in-0": 3}, False)]  # both epochs: the latest position, asynchronously
+    sink.publish(Outputs(predictions=[(None, b"c1")]))
+    sink.commit({"in-0": 4})  # waits: flushed, acknowledged and committed on return
+    assert source.commits[-1] == ({"in-0": 4}, True) and len(sink.producer) == 0
+
+
+def test_at_least_once_delivery_error_rewinds_and_commits_nothing_after_it(mock_cluster):
+    sink, source = _alo_sink(mock_cluster)
+    sink.publish(Outputs(predictions=[(None, b"a1")]))
+    sink.commit({"in-0": 1}, wait=False)
+    sink.publish(Outputs(predictions=[(None, b"b1")]))
+    sink.commit({"in-0": 2}, wait=False)
+    sink.producer.deliver([b"b1"])
+    sink.producer.deliver([b"a1"], err=KafkaError(KafkaError._MSG_TIMED_OUT))
+    with pytest.raises(Rewind, match="not delivered"):
+        sink.commit({"in-0": 2}, wait=False)
+    assert source.commits == []
+    sink.publish(Outputs(predictions=[(None, b"a1")]))  # the replay
+    sink.commit({"in-0": 2})
+    assert source.commits == [({"in-0": 2}, True)]
+
+
+def test_a_lost_asynchronous_commit_is_sent_again(mock_cluster):
+    sink, source = _alo_sink(mock_cluster)
+    sink.publish(Outputs(predictions=[(None, b"a1")]))
+    sink.commit({"in-0": 1})
+    source.commit_failed = True  # (set by the consumer's on_commit callback)
+    sink.commit({"in-0": 1})  # unchanged position, but its last commit may not have landed
+    assert source.commits == [({"in-0": 1}, True), ({"in-0": 1}, True)] and not source.commit_failed
+
+
 def test_kafka_store_chunks_and_never_loads_a_torn_set(mock_cluster):
     store = KafkaStore("state-topic", mock_cluster, prefix="g", conf=QUIET, chunk_bytes=1000, create=False)
     blob = bytes(range(256)) * 20  # 5 chunks
@@ -244,7 +332,7 @@ class TxnSink:
     def publish(self, outputs: Outputs) -> None:
         self.pending.extend(orjson.loads(v) for _, v in outputs.predictions)
 
-    def commit(self, positions: dict[str, int]) -> None:
+    def commit(self, positions: dict[str, int], wait: bool = True) -> None:
         self.commits += 1
         if self.commits in (3, 5):
             self.pending = []

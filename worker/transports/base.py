@@ -68,5 +68,7 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 # Optional sink members the runtime uses when present:
-#   commit_every: float      -> commit outputs and positions this often (seconds), besides snapshots
+#   commit_every: float      -> commit outputs and positions this often (seconds), besides snapshots,
+#                               as commit(positions, wait=False): it may leave part of it for a
+#                               later commit instead of blocking (commit() alone always waits)
 #   abort() -> bool          -> drop uncommitted outputs (shards were lost); True if any were dropped

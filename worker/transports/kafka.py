@@ -14,8 +14,12 @@ id) is re-created and :class:`~worker.errors.FencedError` raised, with the same 
 Offsets in the group only ever move inside a committed transaction, and a zombie's
 transaction fails: its generation is stale (KIP-447), or its epoch was bumped.
 
-At-least-once (``delivery: at_least_once``): an idempotent producer; at each commit the
-producer is flushed, and only when every output was acknowledged are the offsets committed.
+At-least-once (``delivery: at_least_once``): an idempotent producer. Outputs are counted
+into *epochs* (one per commit interval, see :class:`_Epoch`); a commit seals the current
+epoch with the positions it covers, and the offsets of an epoch are committed once every
+output of it and of all earlier epochs was acknowledged. The periodic commit
+(``wait=False``) never blocks on the broker: it commits what is acknowledged by then; a
+durable commit (``wait=True``: checkpoints, revoke, shutdown) flushes the producer first.
 
 ``open_kafka`` builds both from the settings. The helpers at the bottom (admin, a plain
 producer, a compacted log) serve the feeder, the embedded demo and the Kafka checkpoint
@@ -24,6 +28,7 @@ store, so that they too stay free of client imports.
 
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import threading
@@ -87,11 +92,13 @@ class KafkaSource:
         self._committed: dict[str, int | None] = {}
         self._callback_error: BaseException | None = None
         self._assigned: set[str] = set()
+        #: An asynchronous offset commit failed since the sink last looked (it then commits every position again).
+        self.commit_failed = False
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self, listener: AssignmentListener) -> None:
         self._listener = listener
-        conf = {**self.conf, "error_cb": self._on_error, "logger": rdlog}
+        conf = {**self.conf, "error_cb": self._on_error, "on_commit": self._on_commit, "logger": rdlog}
         try:
             self.consumer = Consumer(conf)
             self.consumer.subscribe(
@@ -167,6 +174,13 @@ class KafkaSource:
             self.telemetry.set_ready(False)
         log.warning("kafka consumer: %s", err)
 
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        failed = [tp for tp in partitions or [] if tp.error is not None]
+        if err is not None or failed:
+            self.commit_failed = True
+            log.warning("offset commit failed: %s", err or failed[0].error, extra={"shards": [
+                shard_name(tp.topic, tp.partition) for tp in failed]})
+
     def committed(self, shard: str) -> int | None:
         if self._in_callback and shard in self._committed:
             return self._committed[shard]
@@ -194,10 +208,12 @@ class KafkaSource:
         assert self.consumer is not None
         return self.consumer.consumer_group_metadata()
 
-    def commit_offsets(self, offsets: list[TopicPartition]) -> None:
+    def commit_offsets(self, offsets: list[TopicPartition], wait: bool = True) -> None:
+        """Commit ``offsets`` to the group; without ``wait`` asynchronously (a failed one is
+        logged, and a later commit covers its offsets)."""
         assert self.consumer is not None
         try:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+            self.consumer.commit(offsets=offsets, asynchronous=not wait)
         except KafkaException as exc:
             raise SourceError(f"offset commit failed: {exc}") from exc
 
@@ -259,6 +275,26 @@ class KafkaSource:
         self._on_error(err)
 
 
+class _Epoch:
+    """At-least-once: the outputs produced between two commits and the positions they cover.
+
+    Each output of the epoch carries :meth:`delivered` as its delivery callback; the epoch is
+    acknowledged when ``pending`` is back to zero.
+    """
+
+    __slots__ = ("pending", "errors", "offsets")
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.errors: list[KafkaError] = []
+        self.offsets: list[TopicPartition] = []  # set when the epoch is sealed
+
+    def delivered(self, err: KafkaError | None, msg: Any) -> None:
+        self.pending -= 1
+        if err is not None:
+            self.errors.append(err)
+
+
 class KafkaSink:
     """Outputs to topics; commits in one transaction with the offsets (or after delivery)."""
 
@@ -280,7 +316,9 @@ class KafkaSink:
         self._routes = [(kind, topic) for kind, topic in self.topics.items()]
         self._in_txn = False
         self._committed: dict[str, int] = {}
-        self._delivery_errors: list[KafkaError] = []
+        self._delivery_logged = 0.0
+        self._epoch = _Epoch()  # at-least-once: the outputs since the last commit
+        self._sealed: collections.deque[_Epoch] = collections.deque()  # committed, not yet acknowledged
         self._c = {o: telemetry.kafka_commits.labels(outcome=o) for o in ("committed", "retried", "aborted", "fenced")}
         self._call_timeout = min(TIMEOUT, float(conf.get("transaction.timeout.ms", 60000)) / 1000)
         self.producer = self._new_producer()
@@ -290,7 +328,8 @@ class KafkaSink:
             **self.conf,
             "error_cb": self._on_error,
             "on_delivery": self._on_delivery,
-            "delivery.report.only.error": True,
+            # at-least-once counts acknowledgements per epoch; exactly-once needs only the errors
+            "delivery.report.only.error": self.exactly_once,
             "logger": rdlog,
         }
         try:
@@ -309,44 +348,61 @@ class KafkaSink:
         log.warning("kafka producer: %s", err)
 
     def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
+        """Exactly-once only (at-least-once outputs carry their epoch's callback): a failed
+        delivery also fails the transaction's commit, which aborts it; here it is only logged."""
         if err is not None:
-            self._delivery_errors.append(err)
+            self.telemetry.kafka_errors.labels(error=err.name()).inc()
+            now = time.monotonic()
+            if now - self._delivery_logged >= 1.0:  # (at most once a second: a failure comes in bursts)
+                self._delivery_logged = now
+                log.warning("an output was not delivered: %s", err)
 
     # -- publishing ----------------------------------------------------------------------
     def publish(self, outputs: Outputs) -> None:
         producer = self.producer
         produce = producer.produce
         kinds = outputs.by_kind()
+        epoch = None if self.exactly_once else self._epoch
+        done = None if epoch is None else epoch.delivered
         try:
             for kind, topic in self._routes:
                 messages = kinds[kind]
                 if not messages:
                     continue
-                if self.exactly_once and not self._in_txn:
+                if epoch is not None:
+                    epoch.pending += len(messages)
+                elif not self._in_txn:
                     producer.begin_transaction()
                     self._in_txn = True
                 for key, value in messages:
                     try:
-                        produce(topic, value, key)
+                        produce(topic, value, key, on_delivery=done)
                     except BufferError:  # the local queue is full: serve deliveries, then retry
-                        self._produce_when_room(topic, value, key)
+                        self._produce_when_room(topic, value, key, done)
             producer.poll(0)
         except Exception as exc:  # noqa: BLE001 - any failure inside a transaction aborts it
             self._failed(exc, "produce")
 
-    def _produce_when_room(self, topic: str, value: bytes, key: bytes | None) -> None:
+    def _produce_when_room(self, topic: str, value: bytes, key: bytes | None, done: Any) -> None:
         deadline = time.monotonic() + TIMEOUT
         while True:
             self.producer.poll(0.05)
             try:
-                self.producer.produce(topic, value, key)
+                self.producer.produce(topic, value, key, on_delivery=done)
                 return
             except BufferError:
                 if time.monotonic() > deadline:
                     raise SinkError("the producer queue stayed full: is the broker reachable?") from None
 
     # -- committing ----------------------------------------------------------------------
-    def commit(self, positions: dict[str, int]) -> None:
+    def commit(self, positions: dict[str, int], wait: bool = True) -> None:
+        """Commit outputs and ``positions``. Exactly-once: the transaction (always waits).
+        At-least-once: seal the outputs since the last commit with ``positions``; with ``wait``
+        flush first, so everything is acknowledged and committed on return; without, commit
+        the positions of the sealed epochs acknowledged by now and leave the rest for later."""
+        if not self.exactly_once and self.source.commit_failed:  # an asynchronous commit was lost:
+            self.source.commit_failed = False  # send every position again
+            self._committed.clear()
         offsets = [
             TopicPartition(*parse_shard(name), pos) for name, pos in positions.items() if self._committed.get(name) != pos
         ]
@@ -356,15 +412,21 @@ class KafkaSink:
                 return
             self._commit_transaction(offsets)
         else:
-            if not offsets and len(self.producer) == 0 and not self._delivery_errors:
+            epoch = self._epoch
+            if offsets or epoch.pending or epoch.errors:
+                epoch.offsets = offsets
+                self._sealed.append(epoch)
+                self._epoch = _Epoch()
+            if not self._sealed:
                 return
-            self._flush()
-            if self._delivery_errors:
-                errors, self._delivery_errors = self._delivery_errors, []
-                self._c["aborted"].inc()
-                raise Rewind(f"{len(errors)} output(s) not delivered (first: {errors[0]}): replaying")
-            if offsets:
-                self.source.commit_offsets(offsets)
+            if wait:
+                self._flush()
+            else:
+                self.producer.poll(0)  # serve the acknowledgements that arrived
+            offsets = self._acknowledged()
+            if not offsets:
+                return
+            self.source.commit_offsets(offsets, wait=wait)
             self._c["committed"].inc()
         self.telemetry.kafka_commit_seconds.observe(time.perf_counter() - started)
         for tp in offsets:
@@ -374,6 +436,21 @@ class KafkaSink:
             if lag is not None:
                 self.telemetry.kafka_lag.labels(shard=name).set(lag)
         self.telemetry.set_ready(True)
+
+    def _acknowledged(self) -> list[TopicPartition]:
+        """Offsets of the sealed epochs acknowledged in order from the oldest (the latest
+        position per partition); a delivery error drops every sealed epoch and raises Rewind."""
+        latest: dict[tuple[str, int], TopicPartition] = {}
+        sealed = self._sealed
+        while sealed and sealed[0].pending <= 0:
+            epoch = sealed.popleft()
+            if epoch.errors:
+                sealed.clear()
+                self._c["aborted"].inc()
+                raise Rewind(f"{len(epoch.errors)} output(s) not delivered (first: {epoch.errors[0]}): replaying")
+            for tp in epoch.offsets:
+                latest[(tp.topic, tp.partition)] = tp
+        return list(latest.values())
 
     def _commit_transaction(self, offsets: list[TopicPartition]) -> None:
         producer = self.producer
