@@ -25,8 +25,9 @@ a lost partition it is thrown away with the state it came from.
 A sink with a ``commit_every`` attribute (Kafka) is also committed that often between
 snapshots, with ``wait=False``: such a sink may leave the commit for later instead of
 blocking (Kafka at-least-once commits what the broker acknowledged by then); every other
-commit (before a snapshot, a revoke, the stop) waits until the outputs are durable. Positions are committed only once a shard has caught up with its committed
-position (never backwards). When the sink raises :class:`~worker.transports.base.Rewind`
+commit (before a snapshot, a revoke, the stop) waits until the outputs are durable.
+Positions are committed only once a shard has caught up with its committed position
+(never backwards). When the sink raises :class:`~worker.transports.base.Rewind`
 (an aborted transaction) or :class:`~worker.errors.FencedError`, every owned shard is
 restored from its snapshot and read again (:meth:`Runtime.rewind`): nothing uncommitted
 was published, so nothing is published twice.
