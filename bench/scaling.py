@@ -37,8 +37,7 @@ def _settled(status: list[Path], processes: int) -> bool:
 
 
 def measure(bootstrap: str, consumer_conf: dict, values: list[bytes], processes: int, idle_stop: float = 2.0,
-            timeout: float = 180.0, learner: str = "process",
-            batch_size: int | None = None) -> dict:
+            timeout: float = 180.0, learner: str = "process") -> dict:
     from worker.transports.kafka import create_topics
 
     tag = h.unique(f"scale{processes}")
@@ -54,7 +53,7 @@ def measure(bootstrap: str, consumer_conf: dict, values: list[bytes], processes:
                 "bench.worker_kafka", "--bootstrap", bootstrap, "--topic", topic, "--tag", tag,
                 "--group", f"{tag}-group", "--transactional-id", f"{tag}-txn-{i}", "--store", str(workdir / "state"),
                 "--idle-stop", str(idle_stop), "--status", str(status[i]), "--consumer-config", h.json_arg(consumer_conf),
-                "--learner", learner, *(["--batch-size", str(batch_size)] if batch_size else []),
+                "--learner", learner,
             )
             procs.append(h.start(cmd, workdir / f"worker-{i}.log"))
         deadline = h.Deadline(60)
