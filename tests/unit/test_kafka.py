@@ -176,6 +176,86 @@ def test_commit_failures_are_translated(mock_cluster, code, fatal, raised):
     real.flush(1)
 
 
+@pytest.mark.parametrize(
+    ("code", "fatal", "raised"),
+    [(KafkaError.PRODUCER_FENCED, False, FencedError), (KafkaError._STATE, False, Rewind)],
+)
+@pytest.mark.parametrize("then", ["publish", "commit", "abort"])
+def test_a_failed_background_commit_is_raised_by_the_next_call(mock_cluster, code, fatal, raised, then):
+    from worker.monitoring.telemetry import Telemetry
+
+    tel = Telemetry()
+    sink = KafkaSink({"bootstrap.servers": mock_cluster, "transactional.id": f"b-{code}-{then}", **QUIET},
+                     {"predictions": "pred"}, _Source(), tel)
+    real = sink.producer
+    fake = _FencingProducer(code, fatal)
+    sink.producer = fake
+    sink.commit({"in-0": 5}, wait=False)  # returns at once: the failure is the next call's
+    if then == "abort":  # partitions lost: the failed commit's transaction is gone, say so
+        assert sink.abort() is True
+    else:
+        with pytest.raises(raised):
+            sink.publish(Outputs()) if then == "publish" else sink.commit({"in-0": 5})
+    if raised is FencedError:
+        assert sink.producer is not fake
+    else:
+        assert fake.aborted == 1
+    assert sink._committed == {}, "a failed commit must not count as committed"
+    assert tel.registry.get_sample_value("worker_kafka_commits_total", {"outcome": "committed"}) in (None, 0.0)
+    real.flush(1)
+
+
+class _GatedProducer(_FencingProducer):
+    """Commits only once the test opens the gate; records what was called, in order."""
+
+    def __init__(self):
+        super().__init__(KafkaError.NO_ERROR)
+        self.gate = threading.Event()
+        self.calls: list[str] = []
+
+    def begin_transaction(self) -> None:
+        self.calls.append("begin")
+
+    def send_offsets_to_transaction(self, offsets, *a) -> None:
+        self.calls.append(f"offsets {[(tp.partition, tp.offset) for tp in offsets]}")
+
+    def commit_transaction(self, *a) -> None:
+        assert self.gate.wait(10)
+        self.calls.append("commit")
+
+    def produce(self, topic, value, key=None, on_delivery=None):
+        self.calls.append(f"produce {value.decode()}")
+
+    def poll(self, timeout=0):
+        return 0
+
+
+def test_the_periodic_exactly_once_commit_overlaps_and_the_next_publish_waits_for_it(mock_cluster):
+    from worker.monitoring.telemetry import Telemetry
+
+    tel = Telemetry()
+    sink = KafkaSink({"bootstrap.servers": mock_cluster, "transactional.id": "gated", **QUIET},
+                     {"predictions": "pred"}, _Source(), tel)
+    real = sink.producer
+    sink.producer = fake = _GatedProducer()
+    sink.publish(Outputs(predictions=[(None, b"a")]))
+    sink.commit({"in-0": 1}, wait=False)
+    assert sink._committed == {}  # in flight: not counted yet
+    published = threading.Thread(target=sink.publish, args=(Outputs(predictions=[(None, b"b")]),))
+    published.start()
+    published.join(0.3)
+    assert published.is_alive(), "the next transaction must not start before the commit in flight ends"
+    assert "produce b" not in fake.calls
+    fake.gate.set()
+    published.join(10)
+    assert fake.calls == ["begin", "produce a", "offsets [(0, 1)]", "commit", "begin", "produce b"]
+    assert sink._committed == {"in-0": 1}
+    assert tel.registry.get_sample_value("worker_kafka_commits_total", {"outcome": "committed"}) == 1
+    sink.commit({"in-0": 2})  # a waiting commit is done on return
+    assert fake.calls[-2:] == ["offsets [(0, 2)]", "commit"] and sink._committed == {"in-0": 2}
+    real.flush(1)
+
+
 class _HeldProducer:
     """Holds every output until the test acknowledges it (or fails it): delivery on demand."""
 

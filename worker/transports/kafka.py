@@ -7,7 +7,9 @@ its position is the offset of the next record to consume.
 Exactly-once (``delivery: exactly_once``): the sink begins a transaction on the first
 output, produces every output (keyed by the record key) into it, and at each commit sends
 the consumed offsets with the consumer's group metadata (``send_offsets_to_transaction``)
-and commits. A failure inside the transaction aborts it and raises
+and commits. The periodic commit (``wait=False``, every ``commit_every_ms``) runs in a
+helper thread while the worker goes on polling and learning; the next call that needs the
+producer waits for it, so transactions never overlap. A failure inside the transaction aborts it and raises
 :class:`~worker.transports.base.Rewind` (the runtime restores the shards from their
 snapshots); a fenced producer (another process took the partitions or the transactional
 id) is re-created and :class:`~worker.errors.FencedError` raised, with the same effect.
@@ -319,6 +321,8 @@ class KafkaSink:
         self._delivery_logged = 0.0
         self._epoch = _Epoch()  # at-least-once: the outputs since the last commit
         self._sealed: collections.deque[_Epoch] = collections.deque()  # committed, not yet acknowledged
+        #: exactly-once: a periodic commit running in a helper thread (its call, offsets, start time)
+        self._committing: tuple[_Call, list[TopicPartition], float] | None = None
         self._c = {o: telemetry.kafka_commits.labels(outcome=o) for o in ("committed", "retried", "aborted", "fenced")}
         self._call_timeout = min(TIMEOUT, float(conf.get("transaction.timeout.ms", 60000)) / 1000)
         self.producer = self._new_producer()
@@ -359,6 +363,7 @@ class KafkaSink:
 
     # -- publishing ----------------------------------------------------------------------
     def publish(self, outputs: Outputs) -> None:
+        self._settle()  # (outside the try below: a failed commit was handled there already)
         producer = self.producer
         produce = producer.produce
         kinds = outputs.by_kind()
@@ -396,10 +401,17 @@ class KafkaSink:
 
     # -- committing ----------------------------------------------------------------------
     def commit(self, positions: dict[str, int], wait: bool = True) -> None:
-        """Commit outputs and ``positions``. Exactly-once: the transaction (always waits).
+        """Commit outputs and ``positions``.
+
+        Exactly-once: the transaction. With ``wait`` it is committed on return; without (the
+        periodic commit) it commits in a helper thread while this one goes on polling,
+        decoding and learning, and the next call that needs the producer (``publish``,
+        ``commit``, ``abort``, ``close``) waits for it first and raises its failure there
+        (:class:`Rewind` or :class:`FencedError`, exactly as a synchronous commit would).
         At-least-once: seal the outputs since the last commit with ``positions``; with ``wait``
         flush first, so everything is acknowledged and committed on return; without, commit
         the positions of the sealed epochs acknowledged by now and leave the rest for later."""
+        self._settle()
         if not self.exactly_once and self.source.commit_failed:  # an asynchronous commit was lost:
             self.source.commit_failed = False  # send every position again
             self._committed.clear()
@@ -410,7 +422,16 @@ class KafkaSink:
         if self.exactly_once:
             if not self._in_txn and not offsets:
                 return
-            self._commit_transaction(offsets)
+            try:
+                meta = self.source.group_metadata() if offsets else None
+                if not wait:
+                    self._committing = (_Call(lambda: self._run_commit(offsets, meta)), offsets, started)
+                    return
+                self._run_commit(offsets, meta)
+            except Exception as exc:  # noqa: BLE001 - any failure inside a transaction aborts it
+                self._commit_failed(exc)
+            self._in_txn = False
+            self._c["committed"].inc()
         else:
             epoch = self._epoch
             if offsets or epoch.pending or epoch.errors:
@@ -428,7 +449,26 @@ class KafkaSink:
                 return
             self.source.commit_offsets(offsets, wait=wait)
             self._c["committed"].inc()
-        self.telemetry.kafka_commit_seconds.observe(time.perf_counter() - started)
+        self._done(offsets, time.perf_counter() - started)
+
+    def _settle(self) -> None:
+        """Wait for the exactly-once commit in flight, if any; handle its failure as a
+        synchronous commit does (abort, or a new producer; then raise)."""
+        if self._committing is None:
+            return
+        call, offsets, started = self._committing
+        self._committing = None
+        try:
+            seconds = call.result() - started
+        except Exception as exc:  # noqa: BLE001 - any failure inside a transaction aborts it
+            self._commit_failed(exc)
+        self._in_txn = False
+        self._c["committed"].inc()
+        self._done(offsets, seconds)
+
+    def _done(self, offsets: list[TopicPartition], seconds: float) -> None:
+        """Bookkeeping after a successful commit of ``offsets``."""
+        self.telemetry.kafka_commit_seconds.observe(seconds)
         for tp in offsets:
             name = shard_name(tp.topic, tp.partition)
             self._committed[name] = tp.offset
@@ -452,37 +492,38 @@ class KafkaSink:
                 latest[(tp.topic, tp.partition)] = tp
         return list(latest.values())
 
-    def _commit_transaction(self, offsets: list[TopicPartition]) -> None:
+    def _run_commit(self, offsets: list[TopicPartition], meta: Any) -> float:
+        """Send ``offsets`` into the transaction and commit it (retrying what librdkafka calls
+        retriable); returns when it finished (``perf_counter``). Runs in this thread or in a
+        helper (the periodic commit): it touches nothing but the producer and the telemetry."""
         producer = self.producer
         deadline = time.monotonic() + TIMEOUT * 2
-        try:
-            if not self._in_txn:
-                producer.begin_transaction()
-                self._in_txn = True
-            if offsets:
-                meta = self.source.group_metadata()
-                _bounded(lambda: producer.send_offsets_to_transaction(offsets, meta, self._call_timeout),
-                         self._call_timeout + 5.0, on_slow=lambda: self.telemetry.set_ready(False))
-            while True:
-                try:
-                    producer.commit_transaction(self._call_timeout)
-                    break
-                except KafkaException as exc:
-                    err = _err(exc)
-                    if err is None or not err.retriable() or time.monotonic() > deadline:
-                        raise
-                    self._c["retried"].inc()
-                    self.telemetry.set_ready(False)
-                    log.warning("commit_transaction will be retried: %s", err)
-        except _Stuck as exc:
+        if not self._in_txn:
+            producer.begin_transaction()
+            self._in_txn = True
+        if offsets:
+            _bounded(lambda: producer.send_offsets_to_transaction(offsets, meta, self._call_timeout),
+                     self._call_timeout + 5.0, on_slow=lambda: self.telemetry.set_ready(False))
+        while True:
+            try:
+                producer.commit_transaction(self._call_timeout)
+                return time.perf_counter()
+            except KafkaException as exc:
+                err = _err(exc)
+                if err is None or not err.retriable() or time.monotonic() > deadline:
+                    raise
+                self._c["retried"].inc()
+                self.telemetry.set_ready(False)
+                log.warning("commit_transaction will be retried: %s", err)
+
+    def _commit_failed(self, exc: Exception) -> None:
+        """A commit that failed: abandon a stuck producer, else abort (see :meth:`_failed`); raises."""
+        if isinstance(exc, _Stuck):
             self._c["aborted"].inc()
             log.error("%s: abandoning the producer for a new one (same transactional id)", exc)
             self.producer = self._new_producer()  # fences the stuck one and aborts its transaction
             raise Rewind(str(exc)) from None
-        except Exception as exc:  # noqa: BLE001 - any failure inside a transaction aborts it
-            self._failed(exc, "commit")
-        self._in_txn = False
-        self._c["committed"].inc()
+        self._failed(exc, "commit")
 
     def _failed(self, exc: Exception, what: str) -> None:
         """A failure inside a transaction: abort (or re-create a fenced producer) and raise."""
@@ -520,6 +561,10 @@ class KafkaSink:
 
     def abort(self) -> bool:
         """Drop uncommitted outputs (partitions were lost); True if a transaction was open."""
+        try:
+            self._settle()
+        except (Rewind, FencedError):  # the commit in flight failed: its transaction is gone already
+            return True
         if not (self.exactly_once and self._in_txn):
             return False
         self._c["aborted"].inc()
@@ -538,9 +583,14 @@ class KafkaSink:
         return {}  # outputs since the snapshot are in the committed log: nothing to cut back
 
     def restore(self, shard: str, state: dict) -> None:
+        self._settle()
         self._committed.pop(shard, None)
 
     def close(self) -> None:
+        try:
+            self._settle()
+        except (Rewind, FencedError) as exc:
+            log.warning("the last commit failed: %s", exc)
         try:
             if self.exactly_once and self._in_txn:
                 self.producer.abort_transaction(10)
@@ -554,6 +604,32 @@ class _Stuck(Exception):
     pass
 
 
+class _Call:
+    """``fn()`` running in a daemon helper thread; :meth:`result` waits and returns or re-raises."""
+
+    def __init__(self, fn: Any):
+        self._outcome: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="kafka-call", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Any) -> None:
+        try:
+            self._outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            self._outcome["error"] = exc
+
+    def wait(self, timeout: float | None) -> bool:
+        """True once the call has returned (or raised)."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        return self._outcome.get("value")
+
+
 def _bounded(fn: Any, timeout: float, on_slow: Any = None) -> Any:
     """Run a blocking client call in a helper thread and give up waiting after ``timeout``.
 
@@ -561,25 +637,12 @@ def _bounded(fn: Any, timeout: float, on_slow: Any = None) -> Any:
     coordinator went away (confluentinc/librdkafka#5456, #5511); the caller then abandons
     the producer instead of hanging (and ignoring SIGTERM) forever.
     """
-    result: dict[str, Any] = {}
-
-    def call() -> None:
-        try:
-            result["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            result["error"] = exc
-
-    thread = threading.Thread(target=call, name="kafka-bounded-call", daemon=True)
-    thread.start()
-    thread.join(min(1.0, timeout))
-    if thread.is_alive() and on_slow is not None:
+    call = _Call(fn)
+    if not call.wait(min(1.0, timeout)) and on_slow is not None:
         on_slow()  # more than a second for one call: the brokers are in trouble
-    thread.join(max(0.0, timeout - 1.0))
-    if thread.is_alive():
+    if not call.wait(max(0.0, timeout - 1.0)):
         raise _Stuck(f"a transactional call did not return within {timeout:.0f}s")
-    if "error" in result:
-        raise result["error"]
-    return result.get("value")
+    return call.result()
 
 
 def _retry(fn: Any, what: str, attempts: int = 5) -> Any:
