@@ -8,6 +8,10 @@ stamped with ``time.time()`` just before ``produce``; ``linger.ms=1``), and a
 prediction: for exactly-once that includes waiting for the transaction to commit. Before
 the clock starts, 200 warm-up records are sent and their predictions awaited (group join,
 first fetch, model built); the first second of the rated phase is not counted either.
+
+:func:`measure` also reports the predictions per second that arrived while the feeder was
+sending: offered more than the worker can take, that is its maximum rate with the feeder
+and the reader on the same cores, which is what "half load" is taken from.
 """
 
 from __future__ import annotations
@@ -134,6 +138,7 @@ def measure(bootstrap: str, consumer_conf: dict, delivery: str, rate: float, sec
         latencies: list[float] = []
         transit: list[float] = []  # the part after the worker: its producer, the broker, this reader
         received = 0
+        in_window = 0  # predictions that arrived while the feeder was sending (after the ramp)
         deadline = h.Deadline(seconds + timeout)
         while received < expected and not deadline.passed():
             # What is there now, else wait for one: consume(n, timeout) would hold every
@@ -144,6 +149,8 @@ def measure(bootstrap: str, consumer_conf: dict, delivery: str, rate: float, sec
                 now = time.time()
                 ts = orjson.loads(m.value())["ts"]
                 received += 1
+                if started + WARMUP <= now < started + seconds:
+                    in_window += 1
                 if ts - started >= WARMUP:
                     latencies.append(now - ts)
                     transit.append(now - m.timestamp()[1] / 1000)  # since the worker's produce()
@@ -160,4 +167,7 @@ def measure(bootstrap: str, consumer_conf: dict, delivery: str, rate: float, sec
         "max_ms": 1000 * latencies[-1] if latencies else None,
         "transit_p50_ms": 1000 * _percentile(transit, 0.50) if transit else None,
         "transit_p99_ms": 1000 * _percentile(transit, 0.99) if transit else None,
+        # predictions per second while the feeder and this reader ran: above the worker's
+        # capacity, its maximum rate on cores shared with them
+        "throughput": in_window / (seconds - WARMUP) if seconds > WARMUP else None,
     }
