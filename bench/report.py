@@ -112,8 +112,8 @@ def markdown(results: dict) -> str:
     if results.get("latency"):
         lines += ["", "## Latency, record to prediction, seen by a read_committed reader of the predictions", "",
                   "Half load: half the worker's maximum rate in this setup (the goals): the predictions per second "
-                  "it delivered while the load generator offered 1.5x its rate alone, with the generator and the "
-                  "reader on the same 2 cores (the rate alone, on a pre-filled topic, is given beside it). Low: 1,000 "
+                  "it delivered while the load generator offered more (1.5x its rate alone, then 1.2x that result), "
+                  "with the generator and the reader on the same 2 cores (the rate alone, on a pre-filled topic, is given beside it). Low: 1,000 "
                   "records/s (the floor set by batching, linger and commit intervals). Transit: from the worker's "
                   "produce() (the outputs' Kafka timestamps) to the reader.", "",
                   "| delivery | broker | load | rate (records/s) | max with feeder / alone | p50 ms | p99 ms | max ms | "
