@@ -232,8 +232,9 @@ def _capacity(broker: str, bootstrap: str, consumer_conf: dict, delivery: str, r
               quick: bool) -> float:
     """The worker's maximum rate with the feeder and the reader on its cores: the predictions per
     second that arrive while the feeder offers more than that. First 1.5x the rate alone, then
-    1.2x the first result (a feeder sending far above the worker's rate takes CPU from it, so
-    the first step alone would understate the maximum); the larger result counts."""
+    1.2x the first result (a feeder sending far above the worker's rate takes more of the
+    CPU it shares with the worker); the larger result counts, as single runs vary by ±25 %
+    on these machines."""
     best, offered = None, 1.5 * alone
     for _ in range(1 if quick else 2):
         log(f"== worker capacity with the feeder and reader on {broker}, {delivery}: offered {offered:,.0f} rec/s")
