@@ -677,7 +677,7 @@ def client_configs(settings: Settings) -> tuple[dict, dict]:
         **common,
         **k.consumer,
     }
-    producer: dict[str, Any] = {"linger.ms": 5, "batch.num.messages": 10000, "acks": "all", **common}
+    producer: dict[str, Any] = {"linger.ms": 1, "batch.num.messages": 10000, "acks": "all", **common}
     if settings.delivery == "exactly_once":
         producer["transactional.id"] = k.transactional_id or f"{k.group_id}-{socket.gethostname()}"
     else:
