@@ -216,10 +216,10 @@ def _latency(broker: str, bootstrap: str, consumer_conf: dict, records: list, va
         alone = _max_rate(throughput, broker, short) or _probe_rate(broker, bootstrap, consumer_conf, records, values, short)
         top = _capacity(broker, bootstrap, consumer_conf, delivery, records, alone, quick)
         for load, rate in [("half", top / 2)] + ([] if quick else [("low", LOW_RATE)]):
-            seconds = 2.0 if quick else 10.0
-            log(f"== latency on {broker}, {delivery}, at {rate:,.0f} rec/s for {seconds:.0f} s")
+            seconds, warmup = (2.0, 1.0) if quick else (13.0, latency.WARMUP)
+            log(f"== latency on {broker}, {delivery}, at {rate:,.0f} rec/s for {seconds:.0f} s ({warmup:.0f} s not counted)")
             try:
-                lat = latency.measure(bootstrap, consumer_conf, delivery, rate, seconds, records)
+                lat = latency.measure(bootstrap, consumer_conf, delivery, rate, seconds, records, warmup=warmup)
             except harness.ChildFailed as exc:
                 lat = {"delivery": delivery, "rate": rate, "error": str(exc)}
             lat.update(broker=broker, load=load, max_rate=top, max_rate_alone=alone)
@@ -239,7 +239,8 @@ def _capacity(broker: str, bootstrap: str, consumer_conf: dict, delivery: str, r
     for _ in range(1 if quick else 2):
         log(f"== worker capacity with the feeder and reader on {broker}, {delivery}: offered {offered:,.0f} rec/s")
         try:
-            got = latency.measure(bootstrap, consumer_conf, delivery, offered, 3.0 if quick else 6.0, records)["throughput"]
+            seconds, warmup = (3.0, 1.0) if quick else (8.0, latency.WARMUP)
+            got = latency.measure(bootstrap, consumer_conf, delivery, offered, seconds, records, warmup=warmup)["throughput"]
         except harness.ChildFailed as exc:
             log(f"  not measured ({exc})")
             break

@@ -115,7 +115,8 @@ def markdown(results: dict) -> str:
                   "it delivered while the load generator offered more (1.5x its rate alone, then 1.2x that result), "
                   "with the generator and the reader on the same 2 cores (the rate alone, on a pre-filled topic, is given beside it). Low: 1,000 "
                   "records/s (the floor set by batching, linger and commit intervals). Transit: from the worker's "
-                  "produce() (the outputs' Kafka timestamps) to the reader.", "",
+                  "produce() (the outputs' Kafka timestamps) to the reader. The first seconds of each "
+                  "rated phase are not counted (warm-up: the JVM broker's own ramp).", "",
                   "| delivery | broker | load | rate (records/s) | max with feeder / alone | p50 ms | p99 ms | max ms | "
                   "transit p50/p99 ms | received/sent |",
                   "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
