@@ -32,7 +32,7 @@ from typing import Any
 
 from dataclasses import dataclass
 
-from worker.codec import BadRecord, Decoder, dumps, encode_dead_letter
+from worker.codec import BadRecord, Decoder, dumps, encode_dead_letter, prediction_encoder
 from worker.config import DistributionDriftSettings, Settings
 from worker.learner import Learner, LearnerConfig, LearnResult, Request
 from worker.models import spec_hash, uses_imputer
@@ -121,7 +121,8 @@ class Shard:
         self._last_report = time.monotonic()
         self._key_field = s.record.key is not None
         task = engine.task
-        self._extra_name = "proba" if task == "classification" and s.model.proba else "score" if task == "anomaly" else None
+        extra_name = "proba" if task == "classification" and s.model.proba else "score" if task == "anomaly" else None
+        self._encode = prediction_encoder(state.shard, extra_name)
         self._challenger = None if state.challenger is None else state.challenger.summary()
         tel = engine.telemetry
         self._c_learned = tel.records.labels(outcome="learned")
@@ -285,11 +286,10 @@ class Shard:
 
     def _predictions(self, out: Outputs, pending: Pending, result: LearnResult) -> tuple[int, int, list, list]:
         """Encode a prediction per learned record; (predicted, learned, labelled, outputs) for the monitor."""
-        shard = self.state.shard
         now, publish_from = pending.now, pending.publish_from
         predictions = out.predictions
         key_field = self._key_field
-        extra_name = self._extra_name
+        encode = self._encode
         score_task = self.engine.task in ("clustering", "anomaly")
         want_outputs = score_task or self.state.prediction_drift is not None
         preds, extras, errors = result.preds, result.extras, result.errors
@@ -311,13 +311,8 @@ class Shard:
             if pos >= publish_from:
                 if versions is not None:
                     version = versions[i]
-                if extra_name is None:
-                    rec = {"id": rid, "key": key, "prediction": pred, "model_version": version,
-                           "shard": shard, "position": pos, "ts": now if ts is None else ts}
-                else:
-                    rec = {"id": rid, "key": key, "prediction": pred, extra_name: extra, "model_version": version,
-                           "shard": shard, "position": pos, "ts": now if ts is None else ts}
-                predictions.append((str(key).encode() if key_field and key is not None else None, dumps(rec)))
+                predictions.append((str(key).encode() if key_field and key is not None else None,
+                                    encode(rid, key, pred, extra, version, pos, now if ts is None else ts)))
             if want_outputs:
                 add_output((pred if extra is None or not score_task else extra, rid, pos))
             if score_task:

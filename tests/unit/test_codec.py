@@ -9,7 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker.codec import REASONS, BadRecord, Decoder, encode_dead_letter, original_payload
+import numpy as np
+
+from worker.codec import REASONS, BadRecord, Decoder, dumps, encode_dead_letter, original_payload, prediction_encoder
 from worker.config import FilterRule, LimitsSettings, RecordSettings, load_settings
 from worker.learning import Engine
 
@@ -307,3 +309,27 @@ def test_no_non_finite_float_ever_reaches_the_output(values):
     else:
         assert all(math.isfinite(v) for v in x.values())
         assert all(math.isfinite(v) for v in values)
+
+
+_ids = st.none() | st.integers(-(2**63), 2**63 - 1) | st.text()
+_labels = st.booleans() | st.integers(-1000, 1000) | st.text(max_size=5)
+_floats = st.floats(allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(shard=st.text(), extra_name=st.sampled_from([None, "proba", "score"]), rid=_ids, key=_ids,
+       pred=st.none() | _labels | _floats, extra=st.none() | _floats | st.dictionaries(_labels, _floats, max_size=4),
+       version=st.integers(0, 10**6), pos=st.integers(0, 2**62), ts=_floats)
+def test_prediction_encoder_writes_the_bytes_of_the_dict(shard, extra_name, rid, key, pred, extra, version, pos, ts):
+    rec = {"id": rid, "key": key, "prediction": pred}
+    if extra_name is not None:
+        rec[extra_name] = extra
+    rec.update({"model_version": version, "shard": shard, "position": pos, "ts": ts})
+    assert prediction_encoder(shard, extra_name)(rid, key, pred, extra, version, pos, ts) == dumps(rec)
+
+
+def test_prediction_encoder_takes_numpy_values_as_dumps_does():
+    encode = prediction_encoder("s", "score")
+    got = orjson.loads(encode(1, None, np.float64(0.5), np.float32(0.25), 2, np.int64(7), 1.0))
+    assert got == {"id": 1, "key": None, "prediction": 0.5, "score": 0.25, "model_version": 2, "shard": "s",
+                   "position": 7, "ts": 1.0}
