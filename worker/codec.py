@@ -249,9 +249,9 @@ def prediction_encoder(shard: str, extra_name: str | None) -> Callable[..., byte
     ``{"id", "key", "prediction", extra_name, "model_version", "shard", "position", "ts"}``
     (without ``extra_name`` when it is None).
 
-    Its fields are encoded one by one into a template: orjson's own call on a whole dict
-    allocates and shrinks an output buffer per record, and with the dict built first that
-    was ~2.5 µs of the worker's ~16 µs per record; this is less than half of it.
+    Its fields are encoded one by one into a template, with no dict built per record: in
+    one process, alternating both ways over the same 30,000 records, ``Shard.finish``
+    went from 11.9 to 8.2 µs per record.
 
     >>> encode = prediction_encoder("t-0", "proba")
     >>> encode("r1", None, 1, {0: 0.25, 1: 0.75}, 3, 17, 1.5)

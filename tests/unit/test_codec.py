@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import numpy as np
 
 from worker.codec import REASONS, BadRecord, Decoder, dumps, encode_dead_letter, original_payload, prediction_encoder
 from worker.config import FilterRule, LimitsSettings, RecordSettings, load_settings
