@@ -1,6 +1,6 @@
 """The worker on Kafka (embedded tansu) as a ratio of the plain river loop, in one run.
 
-    python -m bench.kafka [--records 30000] [--repeat 3] [--bootstrap HOST:PORT]
+    python -m bench.kafka [--records 30000] [--repeat 3] [--bootstrap HOST:PORT] [--cpu]
 
 For each repetition, on the same Agrawal records (StandardScaler | LogisticRegression):
 the plain loop over pre-decoded dicts, then the worker with ``exactly_once`` and with
@@ -10,6 +10,11 @@ snapshot every 10,000 records. The worker is :func:`bench.worker_kafka.run`, the
 suite's contenders run; its time runs from its first consumed batch to the return of its
 last commit that moved a position (group joins are not counted).
 Ratios are plain / worker; the median over the repetitions is reported.
+
+With ``--cpu`` each worker run also prints where the CPU went in that window
+(:mod:`bench.cpu`): this process's main thread and librdkafka's threads, the learner
+child, and tansu (an external ``--bootstrap`` broker is not counted), in µs per record and
+in cores.
 """
 
 from __future__ import annotations
@@ -25,24 +30,40 @@ from pathlib import Path
 
 from bench import worker_kafka
 from bench.common import agrawal, pin_hash_seed, plain_loop
+from bench.cpu import CpuSampler
 from bench.harness import outputs
 from worker.embedded import CONSUMER_OVERRIDES, EmbeddedBroker
 from worker.feeder import feed
 from worker.transports.kafka import create_topics
 
 
-def worker_run(bootstrap: str, topic: str, n: int, delivery: str, workdir: Path, batch: int) -> float:
+def worker_run(bootstrap: str, topic: str, n: int, delivery: str, workdir: Path, batch: int,
+               cpu_roles: dict[int, str] | None = None) -> tuple[float, list[dict] | None]:
     """Seconds from the worker's first consumed batch to its last position-moving commit
-    (:func:`bench.worker_kafka.run`, in this process, as the suite's contenders run it)."""
+    (:func:`bench.worker_kafka.run`, in this process, as the suite's contenders run it), and
+    with ``cpu_roles`` ({pid: role} of other children, e.g. the broker) the CPU breakdown of
+    that window (:meth:`bench.cpu.CpuSampler.breakdown`)."""
     tag = f"bench-{uuid.uuid4().hex[:8]}"
     create_topics(bootstrap, outputs(tag).values(), partitions=1)
     store = workdir / f"state-{tag}"
-    try:
-        obs = worker_kafka.run(bootstrap, topic, tag, n, delivery, str(store), dict(CONSUMER_OVERRIDES), batch_size=batch)
-    finally:
-        shutil.rmtree(store, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        cpu = stack.enter_context(CpuSampler(roles=cpu_roles)) if cpu_roles is not None else None
+        try:
+            obs = worker_kafka.run(bootstrap, topic, tag, n, delivery, str(store), dict(CONSUMER_OVERRIDES),
+                                   batch_size=batch)
+        finally:
+            shutil.rmtree(store, ignore_errors=True)
     assert obs.first is not None and obs.end is not None, "the worker consumed or committed nothing"
-    return obs.end - obs.first
+    return obs.end - obs.first, None if cpu is None else cpu.breakdown(obs.first, obs.end)
+
+
+def print_cpu(delivery: str, n: int, wall: float, rows: list[dict]) -> None:
+    """One worker run's CPU breakdown, per record and in cores."""
+    print(f"  {delivery}: {wall * 1e6 / n:.1f} µs/record wall, CPU by process and thread:")
+    for r in rows:
+        print(f"    {r['role']:<7} {r['thread']:<18} {r['cpu_s'] * 1e6 / n:6.2f} µs/record  {r['share']:.2f} cores")
+    print(f"    {'total':<26} {sum(r['cpu_s'] for r in rows) * 1e6 / n:6.2f} µs/record  "
+          f"{sum(r['share'] for r in rows):.2f} cores")
 
 
 def main() -> None:
@@ -52,21 +73,28 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2000, help="limits.batch_size (records per consume)")
     parser.add_argument("--bootstrap", help="an existing broker (default: start tansu)")
+    parser.add_argument("--cpu", action="store_true", help="print each worker run's CPU by process and thread (Linux)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     records = agrawal(args.records)
     workdir = Path(tempfile.mkdtemp(prefix="bench-kafka-"))
     results: dict[str, list[float]] = {"exactly_once": [], "at_least_once": []}
     times: dict[str, list[float]] = {"plain": [], "exactly_once": [], "at_least_once": []}
+    cpu: dict[str, list[list[dict]]] = {"exactly_once": [], "at_least_once": []}
     with contextlib.ExitStack() as stack:
-        bootstrap = args.bootstrap or stack.enter_context(EmbeddedBroker(workdir / "tansu")).bootstrap
+        broker = None if args.bootstrap else stack.enter_context(EmbeddedBroker(workdir / "tansu"))
+        bootstrap = args.bootstrap or broker.bootstrap
+        roles = None if not args.cpu else ({} if broker is None else {broker.proc.pid: "broker"})
         topic = f"bench-in-{uuid.uuid4().hex[:8]}"
         create_topics(bootstrap, [topic], partitions=1)
         feed(bootstrap, topic, ({"id": i, "x": x, "y": y} for i, (x, y) in enumerate(records)))
         for _ in range(args.repeat):
             for delivery in ("exactly_once", "at_least_once"):
                 p = plain_loop(records)
-                w = worker_run(bootstrap, topic, args.records, delivery, workdir, args.batch)
+                w, rows = worker_run(bootstrap, topic, args.records, delivery, workdir, args.batch, roles)
+                if rows is not None:
+                    print_cpu(delivery, args.records, w, rows)
+                    cpu[delivery].append(rows)
                 times["plain"].append(p)
                 times[delivery].append(w)
                 results[delivery].append(p / w)
@@ -77,6 +105,7 @@ def main() -> None:
         "plain_records_per_s": args.records / statistics.median(times["plain"]),
         **{f"{d}_records_per_s": args.records / statistics.median(times[d]) for d in results},
         **{f"{d}_ratio": {"median": statistics.median(r), "min": min(r), "max": max(r)} for d, r in results.items()},
+        **({"cpu": cpu} if args.cpu else {}),
     }
     print(f"plain river loop: {summary['plain_records_per_s']:,.0f} rec/s")
     for d, r in results.items():
