@@ -102,8 +102,8 @@ class CpuSampler:
         wall = max(end - start, 1e-9)
         me = os.getpid()
         totals: dict[tuple[str, str], float] = {}
-        for (pid, _tid, name), cpu in after.items():
-            used = cpu - before.get((pid, _tid, name), 0.0)
+        for (pid, tid, name), cpu in after.items():
+            used = cpu - before.get((pid, tid, name), 0.0)
             if used <= 0:
                 continue
             role = "main" if pid == me else self.roles.get(pid, "child")
