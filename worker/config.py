@@ -235,6 +235,12 @@ class LimitsSettings(_Section):
     max_record_bytes: int = Field(1 << 20, ge=64)
     max_features: int = Field(10000, ge=1)
     batch_size: int = Field(500, ge=1, description="Records processed per batch.")
+    polls_in_flight: int = Field(
+        2, ge=1, le=16,
+        description="Polls handed to the learners whose outputs are not published yet. With more than one, "
+        "the learner process has the next poll queued while this process publishes; under load each one "
+        "adds about a poll's processing time to the latency.",
+    )
 
 
 class Settings(_Section):

@@ -17,7 +17,8 @@ Two hosts keep a worker's learners, with the same interface:
   encoding and the transport on the other. A learn request crosses the pipe as one orjson
   document per poll (its features came from JSON; orjson's key cache gives the child the
   same key objects batch after batch, which river's dict lookups like), results as one
-  pickle; the runtime keeps at most one poll in flight (:meth:`ProcessLearners.exchange`).
+  pickle; requests queue up in the child, so the runtime can keep more than one poll in
+  flight (``limits.polls_in_flight``).
 
 >>> from worker.config import load_settings
 >>> from worker.state import ShardState
@@ -35,9 +36,12 @@ from __future__ import annotations
 import itertools
 import logging
 import pickle
+import queue
 import signal
+import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -382,21 +386,22 @@ def _dump_all(learners: dict[str, Learner], config: LearnerConfig) -> dict[str, 
 
 
 class InlineLearners:
-    """The learners of a worker, in this process: :meth:`exchange` computes at once.
+    """The learners of a worker, in this process: :meth:`submit` computes at once.
 
-    Results (and dumps) are handed out by the next :meth:`collect` or :meth:`exchange`, as
+    Results (and dumps) are handed out by :meth:`collect`, oldest submission first, as
     :class:`ProcessLearners` does, so the runtime drives both the same way.
     """
 
     def __init__(self, config: LearnerConfig):
         self.config = config
         self._learners: dict[str, Learner] = {}
-        self._results: tuple[list[LearnResult], dict[str, bytes] | None] | None = None
+        self._results: deque[tuple[list[LearnResult], dict[str, bytes] | None]] = deque()
         self._dumps: dict[str, bytes] | None = None
 
     @property
-    def pending(self) -> bool:
-        return self._results is not None
+    def pending(self) -> int:
+        """Submissions whose results were not collected yet."""
+        return len(self._results)
 
     def load(self, state: ShardState, fresh: bool = False) -> None:
         """Own ``state``'s learner from now on (it keeps working on that same state object)."""
@@ -405,24 +410,26 @@ class InlineLearners:
     def drop(self, shard: str) -> None:
         self._learners.pop(shard, None)
 
-    def exchange(self, requests: list[Request], dump: bool = False) -> list[LearnResult]:
-        """The results in flight (or []); then, with ``dump``, every learner's fields as they are
-        now (see :meth:`take_dumps`), and ``requests`` learned."""
-        previous = self.collect() if self.pending else []
-        if requests or dump:
-            dumps = _dump_all(self._learners, self.config) if dump else None
-            self._results = ([self._learners[r[0]].learn(*r[1:]) for r in requests], dumps)
-        return previous
+    def submit(self, requests: list[Request], dump: bool = False) -> None:
+        """Learn ``requests`` (with ``dump``: every learner's fields are pickled first, as they
+        are now; see :meth:`take_dumps`)."""
+        dumps = _dump_all(self._learners, self.config) if dump else None
+        self._results.append(([self._learners[r[0]].learn(*r[1:]) for r in requests], dumps))
+
+    def has_result(self) -> bool:
+        """Whether :meth:`collect` would not wait."""
+        return bool(self._results)
 
     def collect(self) -> list[LearnResult]:
-        assert self._results is not None, "nothing in flight"
-        (results, dumps), self._results = self._results, None
+        """The results of the oldest submission not collected yet."""
+        assert self._results, "nothing in flight"
+        results, dumps = self._results.popleft()
         if dumps is not None:
             self._dumps = dumps
         return results
 
     def take_dumps(self) -> dict[str, bytes] | None:
-        """The learner fields asked for with ``exchange(..., dump=True)``, once its results were collected."""
+        """The learner fields asked for with ``submit(..., dump=True)``, once its results were collected."""
         dumps, self._dumps = self._dumps, None
         return dumps
 
@@ -440,10 +447,11 @@ class InlineLearners:
 class ProcessLearners:
     """The learners of a worker in one child process (spawned), spoken to over a pipe.
 
-    The parent never sends while a reply is unread (it reads it into a buffer first), and
-    the child replies only to learn requests and ``dump``, so neither side can block the
-    other. The child ignores SIGINT/SIGTERM (the parent decides when to stop) and exits when
-    the pipe closes, including when the parent was killed.
+    Requests queue up in the child (a thread there reads the pipe as soon as anything
+    arrives), so the parent can hand over the next poll while the child still learns the
+    previous one, and a send never waits for the child's learning. Replies come back in
+    the order of the requests. The child ignores SIGINT/SIGTERM (the parent decides when
+    to stop) and exits when the pipe closes, including when the parent was killed.
     """
 
     def __init__(self, config: LearnerConfig, start_timeout: float = 120.0):
@@ -463,8 +471,8 @@ class ProcessLearners:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()
         self._start_timeout: float | None = start_timeout
-        self._awaiting = False  # a learn reply not read yet
-        self._buffered: Any = None  # a learn reply read early (decoded)
+        self._outstanding = 0  # learn replies not collected yet (read or not)
+        self._early: deque[Any] = deque()  # learn replies read ahead of a dump reply (decoded)
         self._dumps: dict[str, bytes] | None = None
 
     def ready(self) -> None:
@@ -480,13 +488,11 @@ class ProcessLearners:
         self._recv()  # "ready"
 
     @property
-    def pending(self) -> bool:
-        return self._awaiting or self._buffered is not None
+    def pending(self) -> int:
+        """Submissions whose results were not collected yet."""
+        return self._outstanding
 
     def _send(self, message: tuple) -> None:
-        if self._awaiting:  # read the reply first: the child may be blocked writing it
-            self._buffered = self._recv()
-            self._awaiting = False
         self._send_bytes(b"P" + pickle.dumps(message, protocol=5))
 
     def _send_bytes(self, data: bytes) -> None:
@@ -497,14 +503,12 @@ class ProcessLearners:
         except OSError as exc:
             raise self._died() from exc
 
-    def _recv_bytes(self) -> bytes:
+    def _recv(self) -> Any:
         try:
-            return self._conn.recv_bytes()
+            data = self._conn.recv_bytes()
         except (EOFError, OSError) as exc:
             raise self._died() from exc
-
-    def _recv(self, data: bytes | None = None) -> Any:
-        kind, payload = pickle.loads(self._recv_bytes() if data is None else data)
+        kind, payload = pickle.loads(data)
         if kind == "error":
             raise LearnerError(f"the learner process failed:\n{payload}")
         return payload
@@ -512,12 +516,6 @@ class ProcessLearners:
     def _died(self) -> LearnerError:
         self._proc.join(1.0)
         return LearnerError(f"the learner process died (exit code {self._proc.exitcode})")
-
-    def _results(self, payload: tuple) -> list[LearnResult]:
-        results, dumps = payload
-        if dumps is not None:
-            self._dumps = dumps
-        return results
 
     def load(self, state: ShardState, fresh: bool = False) -> None:
         """Hand the shard's learner fields to the child; this process keeps only ``model_version``.
@@ -535,41 +533,44 @@ class ProcessLearners:
     def drop(self, shard: str) -> None:
         self._send(("drop", shard))
 
-    def exchange(self, requests: list[Request], dump: bool = False) -> list[LearnResult]:
-        """The results in flight (or []); then ``requests`` sent (with ``dump``: the child first
-        pickles every learner's fields, see :meth:`take_dumps`). The child waits only for the
-        pipe between two batches: the request is encoded before, the results decoded after."""
-        data = (b"D" if dump else b"L") + orjson.dumps(requests) if requests or dump else None
-        payload = raw = None
-        if self._buffered is not None:
-            payload, self._buffered = self._buffered, None
-        elif self._awaiting:
-            raw = self._recv_bytes()
-            self._awaiting = False
-        if data is not None:
-            self._send_bytes(data)
-            self._awaiting = True
-        if raw is not None:
-            payload = self._recv(raw)
-        return [] if payload is None else self._results(payload)
+    def submit(self, requests: list[Request], dump: bool = False) -> None:
+        """Queue ``requests`` behind those in flight (with ``dump``: the child first pickles every
+        learner's fields, as of the requests before; see :meth:`take_dumps`). The request is
+        one orjson document, the results come back as one pickle."""
+        self._send_bytes((b"D" if dump else b"L") + orjson.dumps(requests))
+        self._outstanding += 1
+
+    def has_result(self) -> bool:
+        """Whether the oldest submission's results are back (:meth:`collect` would not wait)."""
+        if not self._outstanding:
+            return False
+        if self._early:
+            return True
+        try:
+            return self._conn.poll(0)
+        except OSError:
+            return True  # collect() says what happened
 
     def collect(self) -> list[LearnResult]:
-        if self._buffered is not None:
-            payload, self._buffered = self._buffered, None
-        else:
-            assert self._awaiting, "nothing in flight"
-            self._awaiting = False
-            payload = self._recv()
-        return self._results(payload)
+        """The results of the oldest submission not collected yet (waits for them)."""
+        assert self._outstanding, "nothing in flight"
+        results, dumps = self._early.popleft() if self._early else self._recv()
+        self._outstanding -= 1
+        if dumps is not None:
+            self._dumps = dumps
+        return results
 
     def take_dumps(self) -> dict[str, bytes] | None:
-        """The learner fields asked for with ``exchange(..., dump=True)``, once its results were collected."""
+        """The learner fields asked for with ``submit(..., dump=True)``, once its results were collected."""
         dumps, self._dumps = self._dumps, None
         return dumps
 
     def dump(self, shard: str) -> bytes:
-        """The pickled learner fields of ``shard``, as of the last batch submitted for it."""
+        """The pickled learner fields of ``shard``, as of the last batch submitted for it (the
+        replies to the learn requests before it are read and kept for :meth:`collect`)."""
         self._send(("dump", shard))
+        while len(self._early) < self._outstanding:
+            self._early.append(self._recv())
         return self._recv()
 
     def close(self) -> None:
@@ -584,7 +585,7 @@ class ProcessLearners:
 
 
 def _serve(conn: Any, config: LearnerConfig) -> None:
-    """The child's loop: one message in, at most one reply out, until the pipe closes."""
+    """The child's loop: one message at a time, in order, at most one reply each, until the pipe closes."""
     import gc
 
     from worker.logs import setup_logging
@@ -603,11 +604,20 @@ def _serve(conn: Any, config: LearnerConfig) -> None:
         conn.send_bytes(pickle.dumps(("ready", None)))
     except OSError:  # the parent went away during our start-up
         return
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read() -> None:  # the pipe is emptied at once, so that the parent never waits to send
+        try:
+            while True:
+                inbox.put(conn.recv_bytes())
+        except (EOFError, OSError):
+            inbox.put(None)
+
+    threading.Thread(target=read, name="learner-inbox", daemon=True).start()
     try:
         while True:
-            try:
-                data = conn.recv_bytes()
-            except (EOFError, OSError):
+            data = inbox.get()
+            if data is None:  # the pipe closed
                 return
             if data[:1] in (b"L", b"D"):  # learn (D: dump every learner first)
                 dumps = _dump_all(learners, config) if data[:1] == b"D" else None

@@ -12,15 +12,18 @@ assignment a shard restores its snapshot (position S), the source seeks to S, an
 between S and the source's committed position C are learned again without publishing.
 
 Pipelining: the models live in a learner host (:mod:`worker.learner`), by default a child
-process. Each step polls a batch, decodes it (:meth:`Shard.begin`), collects the learner's
-results for the previous poll, submits the new one, and only then encodes and publishes
-the previous poll's outputs (:meth:`Shard.finish`): the child learns poll k+1 while this
-process finishes poll k and fetches poll k+2. At most one poll is in flight. A shard's
-position moves when its outputs are published, so a commit never covers a record in flight.
-A periodic snapshot is taken between two polls without stopping the learner
-(:meth:`Runtime._begin_snapshot`); before a revoke, the final commit and a checkpoint under
-the data-drift freeze policy the poll in flight is finished first (drained); on a rewind or
-a lost partition it is thrown away with the state it came from.
+process. Each step polls a batch, decodes it (:meth:`Shard.begin`) and submits it to the
+learners, then collects the results of the polls in flight, oldest first, and encodes and
+publishes their outputs (:meth:`Shard.finish`): those whose results are back (not under
+the data-drift freeze policy), and always enough to leave at most ``limits.polls_in_flight`` polls in flight (all of them when the
+poll brought nothing, so that outputs never wait for the next records). With two in flight
+the child has poll k+2 queued while this process finishes poll k, so neither side waits for
+the other when one poll takes longer than the next. A shard's position moves when its
+outputs are published, so a commit never covers a record in flight. A periodic snapshot is
+taken between two polls without stopping the learner (:meth:`Runtime._begin_snapshot`);
+before a revoke, the final commit and a checkpoint under the data-drift freeze policy the
+polls in flight are finished first (drained); on a rewind or a lost partition they are
+thrown away with the state they came from.
 
 A sink with a ``commit_every`` attribute (Kafka) is also committed that often between
 snapshots, with ``wait=False``: such a sink may leave the commit for later instead of
@@ -40,6 +43,7 @@ import logging
 import signal
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from worker.checkpoint import WARM_START, CheckpointStore
@@ -68,7 +72,9 @@ class Runtime:
     ):
         self.engine = engine
         self.learners = learners if learners is not None else open_learners(engine.settings)
-        self._inflight: list[tuple[Shard, Pending]] = []  # submitted to the learners, not published
+        # Polls submitted to the learners, not published, oldest first: (begun batches, with a dump)
+        self._inflight: deque[tuple[list[tuple[Shard, Pending]], bool]] = deque()
+        self._depth = engine.settings.limits.polls_in_flight
         self.source = source
         self.sink = sink
         self.store = store
@@ -83,10 +89,15 @@ class Runtime:
         self._last_checkpoint = time.monotonic()
         self._commit_every: float | None = getattr(sink, "commit_every", None)
         self._last_commit = time.monotonic()
+        # An overlapped snapshot is under way: from the poll submitted with a dump until its results
+        self._snapshotting = False
         # The snapshot waiting for the learners' half: {shard: (position, pickled monitor part)}
         self._parts: dict[str, tuple[int, bytes]] | None = None
-        # Snapshots between polls need begin() to leave snapshot state alone (not with freeze)
+        # Snapshots between polls need begin() to leave snapshot state alone (not with freeze).
+        # With freeze, begin() also moves the data-drift statistics of the metrics reports, so
+        # a poll is published only when it must be: the reports then do not depend on timing.
         self._overlapped_snapshots = engine.settings.monitor.drift.data.policy != "freeze"
+        self._publish_early = self._overlapped_snapshots
         self._rewind_pending = False
         self._fenced_in_row = 0
         self.records = 0
@@ -145,10 +156,11 @@ class Runtime:
         self._rewind_pending = False
         names = list(self.shards)
         log.warning("uncommitted outputs were dropped: rewinding to the last snapshots", extra={"shards": names})
-        if self.learners.pending:  # learned from states about to be thrown away
+        while self.learners.pending:  # learned from states about to be thrown away
             self.learners.collect()
         self.learners.take_dumps()
-        self._inflight, self._parts = [], None
+        self._inflight.clear()
+        self._parts, self._snapshotting = None, False
         self._forget(names)
         if names:
             self.on_assign(names)
@@ -199,7 +211,7 @@ class Runtime:
         tel.last_checkpoint.labels(shard=name).set(time.time())
 
     def checkpoint(self) -> None:
-        """Finish the poll in flight, commit outputs and positions, then snapshot every shard (in that order)."""
+        """Finish the polls in flight, commit outputs and positions, then snapshot every shard (in that order)."""
         self._drain()
         self._commit()
         for name in list(self.shards):
@@ -216,8 +228,9 @@ class Runtime:
         self._fenced_in_row = 0
 
     def _begin_snapshot(self) -> None:
-        """Overlapped checkpoint, first half (the learners were asked for their fields as of now):
-        commit, then keep each shard's monitor part at the committed position."""
+        """Overlapped checkpoint, first half, once every poll before the one submitted with a dump
+        is published (the learners pickle their fields as of that same point): commit, then
+        keep each shard's monitor part at the committed position."""
         self._commit()
         fields = self.engine.learner.fields
         parts = {}
@@ -226,15 +239,13 @@ class Runtime:
             state.extra["sink"] = self.sink.checkpoint_state(name)
             parts[name] = (state.position, pickle_monitor(state, fields))
         self._parts = parts
-        self._since_checkpoint = 0
-        self._last_checkpoint = time.monotonic()
 
     def _end_snapshot(self) -> None:
         """Second half, when the learners' fields arrived: write each snapshot still ours."""
         dumps = self.learners.take_dumps()
-        if dumps is None or self._parts is None:
+        parts, self._parts, self._snapshotting = self._parts, None, False
+        if dumps is None or parts is None:
             return
-        parts, self._parts = self._parts, None
         for name, (position, main) in parts.items():
             if name in self.shards and name in dumps:
                 self._save(name, lambda: dumps_parts(name, position, main, dumps[name], self.engine.spec, self.hmac_key))
@@ -249,10 +260,10 @@ class Runtime:
 
     # -- the loop ------------------------------------------------------------------------
     def _step(self, batch_size: int) -> list:
-        """One poll: begin its batches, hand them to the learners, publish the previous poll's
-        outputs, then commit / checkpoint when due."""
-        # With a poll in flight, take only what is already there: its outputs must not wait
-        # for the next records (they are published after the next poll).
+        """One poll: begin its batches, submit them to the learners, publish the polls in flight
+        whose results are back, then commit / checkpoint when due."""
+        # With polls in flight, take only what is already there: their outputs must not wait
+        # for the next records.
         batches = self.source.poll(batch_size, 0.0 if self._inflight else 0.1)
         if self._rewind_pending:  # shards were lost with uncommitted outputs of the others
             self.rewind()
@@ -275,38 +286,41 @@ class Runtime:
             self._since_checkpoint >= self._cp_every_records or now - self._last_checkpoint >= self._cp_every_seconds
         )
         # An overlapped snapshot: the learners pickle their fields before learning this poll,
-        # this process its own after publishing the previous one; both are then at the same position.
-        overlapped = due and self._overlapped_snapshots and self._parts is None
-        inflight, self._inflight = self._inflight, begun
-        results = self.learners.exchange([p.request for _, p in begun], dump=overlapped)
-        self._end_snapshot()
-        self._publish([(s, p, r) for (s, p), r in zip(inflight, results, strict=True)])
-        if overlapped:
-            self._begin_snapshot()
-        elif due and self._parts is None:
+        # this process its own once every earlier poll is published; both are then at the same position.
+        overlapped = due and self._overlapped_snapshots and not self._snapshotting
+        if begun or overlapped:
+            self.learners.submit([p.request for _, p in begun], dump=overlapped)
+            self._inflight.append((begun, overlapped))
+            if overlapped:
+                self._snapshotting = True
+                self._since_checkpoint, self._last_checkpoint = 0, now
+                if len(self._inflight) == 1:
+                    self._begin_snapshot()
+        self._publish_ready(drain=not begun)
+        if due and not self._snapshotting:
             self.checkpoint()
         elif self._commit_every is not None and now - self._last_commit >= self._commit_every:
             self._commit(wait=False)
         return batches
 
-    def _collect(self) -> list:
-        """The poll in flight with the learners' results: [(shard, pending, result)]."""
-        if not self.learners.pending:
-            return []
-        inflight, self._inflight = self._inflight, []
-        done = [(s, p, r) for (s, p), r in zip(inflight, self.learners.collect(), strict=True)]
-        self._end_snapshot()
-        return done
-
-    def _publish(self, done: list) -> None:
-        for shard, pending, result in done:
-            if self.shards.get(shard.state.shard) is not shard:  # lost or revoked meanwhile
-                continue
-            self.sink.publish(shard.finish(pending, result))
+    def _publish_ready(self, drain: bool = False) -> None:
+        """Finish and publish the polls in flight, oldest first: those whose results are back,
+        at least down to ``limits.polls_in_flight`` of them, and all of them with ``drain``."""
+        while self._inflight and (drain or len(self._inflight) > self._depth
+                                  or (self._publish_early and self.learners.has_result())):
+            begun, dump = self._inflight.popleft()
+            results = self.learners.collect()
+            if dump:  # the learners' half of the snapshot came with these results
+                self._end_snapshot()
+            for (shard, pending), result in zip(begun, results, strict=True):
+                if self.shards.get(shard.state.shard) is shard:  # not lost or revoked meanwhile
+                    self.sink.publish(shard.finish(pending, result))
+            if self._inflight and self._inflight[0][1]:  # every poll before the dump is published
+                self._begin_snapshot()
 
     def _drain(self) -> None:
-        """Finish and publish the poll in flight."""
-        self._publish(self._collect())
+        """Finish and publish every poll in flight."""
+        self._publish_ready(drain=True)
 
     def stop(self, *_: Any) -> None:
         self._stop.set()

@@ -15,7 +15,7 @@ from worker.config import load_settings
 from worker.learner import InlineLearners, LearnerConfig, LearnerError, ProcessLearners
 from worker.learning import Engine
 from worker.runtime import Runtime
-from worker.state import loads_snapshot
+from worker.state import ShardState, join_learner, loads_snapshot
 from worker.transports.file import FileSink, FileSource
 
 TREE = [{"tree.HoeffdingAdaptiveTreeClassifier": {"seed": 1}}]
@@ -45,8 +45,11 @@ def test_the_learner_process_gives_what_the_inline_learner_gives(policy):
         for start in range(0, len(records), 700):
             chunk = records[start : start + 700]
             positions = list(range(start, start + len(chunk)))
-            got += host.exchange([("s", [x for x, _ in chunk], [y for _, y in chunk], positions, positions, None)])
-        got += host.collect()
+            host.submit([("s", [x for x, _ in chunk], [y for _, y in chunk], positions, positions, None)])
+            if host.pending > 2:  # three in flight at most
+                got += host.collect()
+        while host.pending:
+            got += host.collect()
         host.close()
         results[type(host).__name__] = [
             (r.preds, r.extras, r.versions, r.version_before, r.version, r.events, r.changed, r.challenger) for r in got
@@ -77,13 +80,21 @@ class Recording(FileStore):
         super().save(shard, blob)
 
 
-def run_worker(tmp_path, tag: str, s, data) -> tuple[dict, Recording]:
+class Late(InlineLearners):
+    """Inline learners whose results are never back early: the runtime publishes a poll only
+    when ``limits.polls_in_flight`` forces it, so snapshots begin polls after they were asked."""
+
+    def has_result(self) -> bool:
+        return False
+
+
+def run_worker(tmp_path, tag: str, s, data, learners=None) -> tuple[dict, Recording]:
     out = tmp_path / tag
     out.mkdir()
     paths = {k: str(out / f"{k}.jsonl") for k in ("predictions", "drift", "metrics", "dead_letter")}
     store = Recording(out / "state")
     engine = Engine(s)
-    Runtime(engine, FileSource(str(data)), FileSink(paths), store).run()
+    Runtime(engine, FileSource(str(data)), FileSink(paths), store, learners=learners).run()
     outputs = {}
     for kind, p in paths.items():
         rows = [orjson.loads(line) for line in open(p, "rb")]
@@ -105,16 +116,20 @@ DATA = {"reference_size": 500, "window": 500}
 def test_outputs_and_snapshots_do_not_depend_on_where_the_model_learns(tmp_path, drift):
     """With snapshots every 700 records over 200-record polls, each snapshot between polls
     (overlapped with learning, or drained under the freeze policy) equals the state of a
-    plain shard that processed exactly the records before its position; under the reset
-    policy the model versions of the outputs are the same too."""
+    plain shard that processed exactly the records before its position, also when three
+    polls are in flight and each is published only when it must be; under the reset policy
+    the model versions of the outputs are the same too."""
     data = tmp_path / "in.jsonl"
     write_input(data, 6_000)
     common = dict(pipeline=LINEAR, drift=drift,
                   record={"timestamp": "ts"}, limits={"batch_size": 200},
                   checkpoint={"store": "file:///unused", "every_records": 700, "every_seconds": 3600})
     runs = {mode: run_worker(tmp_path, mode, settings(learner=mode, **common), data) for mode in ("inline", "process")}
+    late = settings(**{**common, "limits": {"batch_size": 200, "polls_in_flight": 3}})
+    runs["late"] = run_worker(tmp_path, "late", late, data, Late(LearnerConfig(late)))
     (inline, inline_store), (process, process_store) = runs["inline"], runs["process"]
     assert process == inline
+    assert runs["late"][0] == inline
     assert len(inline["predictions"]) == 6_000 - len(inline["dead_letter"]) and inline["dead_letter"]
     if "concept" in drift:
         assert any(e["event"] == "model_reset" for e in inline["drift"]), "no reset happened"
@@ -124,7 +139,7 @@ def test_outputs_and_snapshots_do_not_depend_on_where_the_model_learns(tmp_path,
     spec = Engine(settings(**common)).spec
     probe = {"salary": 50_000.0, "commission": 0.0, "age": 40, "elevel": 2, "car": 3, "zipcode": 1,
              "hvalue": 100_000.0, "hyears": 10, "loan": 200_000.0}
-    for store in (inline_store, process_store):
+    for store in (inline_store, process_store, runs["late"][1]):
         states = [loads_snapshot(blob, spec) for blob in store.saved]
         between = [st for st in states if 0 < st.position < 6_000]
         assert len(between) >= 6, "no snapshots were taken between polls"
@@ -146,12 +161,12 @@ def test_a_dead_learner_process_is_an_error_not_a_hang():
     s = settings(pipeline=LINEAR)
     host = ProcessLearners(LearnerConfig(s))
     host.load(Engine(s).new_state("s"))
-    host.exchange([("s", [{"a": 1.0}], [1], [0], [0], None)])
+    host.submit([("s", [{"a": 1.0}], [1], [0], [0], None)])
     assert len(host.collect()) == 1  # a first answer came back
     os.kill(host._proc.pid, signal.SIGKILL)
     host._proc.join(5)
     with pytest.raises(LearnerError, match="died"):
-        host.exchange([("s", [{"a": 1.0}], [1], [1], [1], None)])
+        host.submit([("s", [{"a": 1.0}], [1], [1], [1], None)])
         host.collect()
     host.close()
 
@@ -159,7 +174,7 @@ def test_a_dead_learner_process_is_an_error_not_a_hang():
 def test_a_failing_learner_process_reports_its_traceback():
     s = settings(pipeline=LINEAR)
     host = ProcessLearners(LearnerConfig(s))
-    host.exchange([("nobody", [{"a": 1.0}], [1], [0], [0], None)])  # no learner for this shard
+    host.submit([("nobody", [{"a": 1.0}], [1], [0], [0], None)])  # no learner for this shard
     with pytest.raises(LearnerError, match="KeyError"):
         host.collect()
     host.close()
@@ -174,17 +189,31 @@ def test_the_learner_process_ignores_sigterm_and_leaves_when_the_pipe_closes():
     assert host._proc.exitcode == 0
 
 
-def test_requests_with_nothing_in_flight_are_answered_in_order():
+def test_queued_requests_and_a_dump_between_them_are_answered_in_order():
+    """Three polls queued, a dump asked for behind them, then two more: the learn results come
+    back in order, and the dump holds the model as of the polls before it."""
     s = settings(pipeline=LINEAR)
-    batches = [[{"a": float(i)} for i in range(k, k + 3)] for k in range(0, 9, 3)]
+    batches = [[{"a": float(i)} for i in range(k, k + 3)] for k in range(0, 15, 3)]
+    probe = {"a": 2.5}
     answers = {}
     for host in (InlineLearners(LearnerConfig(s)), ProcessLearners(LearnerConfig(s))):
-        host.load(Engine(s).new_state("s"))
-        assert host.exchange([]) == [] and not host.pending
-        got = [host.exchange([("s", xs, [1, 0, 1], [0, 1, 2], [0, 1, 2], None)]) for xs in batches]
-        got.append(host.collect())
-        assert [len(g) for g in got] == [0, 1, 1, 1] and not host.pending
-        answers[type(host).__name__] = [r.extras for g in got for r in g]
+        state = Engine(s).new_state("s")
+        host.load(state)
+        assert not host.pending and not host.has_result()
+        for xs in batches[:3]:
+            host.submit([("s", xs, [1, 0, 1], [0, 1, 2], [0, 1, 2], None)])
+        assert host.pending == 3
+        blob = host.dump("s")
+        model = state.model if blob is None else join_learner(ShardState(shard="s", model=None), blob).model
+        after_three = model.predict_proba_one(probe)  # (inline: the live state, read now)
+        for xs in batches[3:]:
+            host.submit([("s", xs, [1, 0, 1], [0, 1, 2], [0, 1, 2], None)])
+        got = []
+        while host.pending:
+            got.append(host.collect())
+        assert [len(g) for g in got] == [1] * 5 and not host.has_result()
+        answers[type(host).__name__] = ([r.extras for g in got for r in g], after_three)
         host.close()
     assert answers["ProcessLearners"] == answers["InlineLearners"]
-    assert len({orjson.dumps(e, option=orjson.OPT_NON_STR_KEYS) for e in answers["InlineLearners"]}) == 3
+    extras = answers["InlineLearners"][0]
+    assert len({orjson.dumps(e, option=orjson.OPT_NON_STR_KEYS) for e in extras}) == 5
