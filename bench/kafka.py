@@ -1,6 +1,7 @@
 """The worker on Kafka (embedded tansu) as a ratio of the plain river loop, in one run.
 
     python -m bench.kafka [--records 30000] [--repeat 3] [--bootstrap HOST:PORT] [--cpu]
+                          [--in-flight 1,2]
 
 For each repetition, on the same Agrawal records (StandardScaler | LogisticRegression):
 the plain loop over pre-decoded dicts, then the worker with ``exactly_once`` and with
@@ -9,7 +10,9 @@ prediction per record (plus metrics and drift events) and committing every 100 m
 snapshot every 10,000 records. The worker is :func:`bench.worker_kafka.run`, the one the
 suite's contenders run; its time runs from its first consumed batch to the return of its
 last commit that moved a position (group joins are not counted).
-Ratios are plain / worker; the median over the repetitions is reported.
+Ratios are plain / worker; the median over the repetitions is reported. ``--in-flight 1,2``
+runs the worker with each of those ``limits.polls_in_flight`` in turn, in every repetition
+(an A/B in one run).
 
 With ``--cpu`` each worker run also prints where the CPU went in that window
 (:mod:`bench.cpu`): this process's main thread and librdkafka's threads, the learner
@@ -38,7 +41,7 @@ from worker.transports.kafka import create_topics
 
 
 def worker_run(bootstrap: str, topic: str, n: int, delivery: str, workdir: Path, batch: int,
-               cpu_roles: dict[int, str] | None = None) -> tuple[float, list[dict] | None]:
+               cpu_roles: dict[int, str] | None = None, in_flight: int | None = None) -> tuple[float, list[dict] | None]:
     """Seconds from the worker's first consumed batch to its last position-moving commit
     (:func:`bench.worker_kafka.run`, in this process, as the suite's contenders run it), and
     with ``cpu_roles`` ({pid: role} of other children, e.g. the broker) the CPU breakdown of
@@ -50,7 +53,7 @@ def worker_run(bootstrap: str, topic: str, n: int, delivery: str, workdir: Path,
         cpu = stack.enter_context(CpuSampler(roles=cpu_roles)) if cpu_roles is not None else None
         try:
             obs = worker_kafka.run(bootstrap, topic, tag, n, delivery, str(store), dict(CONSUMER_OVERRIDES),
-                                   batch_size=batch)
+                                   batch_size=batch, polls_in_flight=in_flight)
         finally:
             shutil.rmtree(store, ignore_errors=True)
     assert obs.first is not None and obs.end is not None, "the worker consumed or committed nothing"
@@ -72,15 +75,20 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=30_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2000, help="limits.batch_size (records per consume)")
+    parser.add_argument("--in-flight", help="limits.polls_in_flight, or several (1,2) to alternate (default: the worker's)")
     parser.add_argument("--bootstrap", help="an existing broker (default: start tansu)")
     parser.add_argument("--cpu", action="store_true", help="print each worker run's CPU by process and thread (Linux)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    depths = [int(d) for d in args.in_flight.split(",")] if args.in_flight else [None]
+    # (name, delivery, polls in flight): the name carries the setting only when several are compared
+    runs = [(d if len(depths) == 1 else f"{d} in_flight={k}", d, k)
+            for d in ("exactly_once", "at_least_once") for k in depths]
     records = agrawal(args.records)
     workdir = Path(tempfile.mkdtemp(prefix="bench-kafka-"))
-    results: dict[str, list[float]] = {"exactly_once": [], "at_least_once": []}
-    times: dict[str, list[float]] = {"plain": [], "exactly_once": [], "at_least_once": []}
-    cpu: dict[str, list[list[dict]]] = {"exactly_once": [], "at_least_once": []}
+    results: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    times: dict[str, list[float]] = {"plain": [], **{name: [] for name, _, _ in runs}}
+    cpu: dict[str, list[list[dict]]] = {name: [] for name, _, _ in runs}
     with contextlib.ExitStack() as stack:
         broker = None if args.bootstrap else stack.enter_context(EmbeddedBroker(workdir / "tansu"))
         bootstrap = args.bootstrap or broker.bootstrap
@@ -89,15 +97,15 @@ def main() -> None:
         create_topics(bootstrap, [topic], partitions=1)
         feed(bootstrap, topic, ({"id": i, "x": x, "y": y} for i, (x, y) in enumerate(records)))
         for _ in range(args.repeat):
-            for delivery in ("exactly_once", "at_least_once"):
+            for name, delivery, depth in runs:
                 p = plain_loop(records)
-                w, rows = worker_run(bootstrap, topic, args.records, delivery, workdir, args.batch, roles)
+                w, rows = worker_run(bootstrap, topic, args.records, delivery, workdir, args.batch, roles, depth)
                 if rows is not None:
-                    print_cpu(delivery, args.records, w, rows)
-                    cpu[delivery].append(rows)
+                    print_cpu(name, args.records, w, rows)
+                    cpu[name].append(rows)
                 times["plain"].append(p)
-                times[delivery].append(w)
-                results[delivery].append(p / w)
+                times[name].append(w)
+                results[name].append(p / w)
     shutil.rmtree(workdir, ignore_errors=True)
     summary = {
         "benchmark": "kafka (tansu)",
@@ -109,7 +117,7 @@ def main() -> None:
     }
     print(f"plain river loop: {summary['plain_records_per_s']:,.0f} rec/s")
     for d, r in results.items():
-        print(f"worker {d:<14} {summary[f'{d}_records_per_s']:,.0f} rec/s   ratio median {statistics.median(r):.3f} "
+        print(f"worker {d:<28} {summary[f'{d}_records_per_s']:,.0f} rec/s   ratio median {statistics.median(r):.3f} "
               f"(min {min(r):.3f}, max {max(r):.3f}, n={len(r)})")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))

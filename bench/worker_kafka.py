@@ -123,10 +123,12 @@ class TimedSink:
 def run(bootstrap: str, topic: str, tag: str, records: int | None, delivery: str, store: str,
         consumer_config: dict, transactional_id: str | None = None, idle_stop: float | None = None,
         group: str | None = None, status: Path | None = None, batch_size: int | None = None,
-        learner: str | None = None) -> _Observer:
+        learner: str | None = None, polls_in_flight: int | None = None) -> _Observer:
     """Run the worker until ``records`` were consumed (or it idled ``idle_stop`` s); the observer
     holds when the first record arrived and when the last position-moving commit returned.
-    ``batch_size``: ``limits.batch_size``; ``learner``: ``process`` or ``inline`` (defaults: the worker's)."""
+    ``batch_size``, ``polls_in_flight``: those ``limits``; ``learner``: ``process`` or ``inline``
+    (defaults: the worker's)."""
+    limits = {k: v for k, v in (("batch_size", batch_size), ("polls_in_flight", polls_in_flight)) if v}
     settings = load_settings(
         data={
             "source": {"type": "kafka", "kafka": {
@@ -137,7 +139,7 @@ def run(bootstrap: str, topic: str, tag: str, records: int | None, delivery: str
             "checkpoint": {"store": f"file://{store}"},
             "telemetry": {"port": None},
             "delivery": delivery,
-            **({"limits": {"batch_size": batch_size}} if batch_size else {}),
+            **({"limits": limits} if limits else {}),
             **({"learner": learner} if learner else {}),
         },
         env={},
