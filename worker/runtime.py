@@ -305,7 +305,8 @@ class Runtime:
 
     def _publish_ready(self, drain: bool = False) -> None:
         """Finish and publish the polls in flight, oldest first: those whose results are back,
-        at least down to ``limits.polls_in_flight`` of them, and all of them with ``drain``."""
+        at least down to ``limits.polls_in_flight`` of them, and all of them with ``drain`` (an
+        overlapped snapshot not begun by then is dropped: the learners' half is thrown away)."""
         while self._inflight and (drain or len(self._inflight) > self._depth
                                   or (self._publish_early and self.learners.has_result())):
             begun, dump = self._inflight.popleft()
@@ -315,7 +316,10 @@ class Runtime:
             for (shard, pending), result in zip(begun, results, strict=True):
                 if self.shards.get(shard.state.shard) is shard:  # not lost or revoked meanwhile
                     self.sink.publish(shard.finish(pending, result))
-            if self._inflight and self._inflight[0][1]:  # every poll before the dump is published
+            # Every poll before the dump is published: the worker's half. Not when draining: a drain
+            # is followed by a full checkpoint, or serves a lost partition, where committing the
+            # transaction would publish the lost shard's uncommitted outputs.
+            if not drain and self._inflight and self._inflight[0][1]:
                 self._begin_snapshot()
 
     def _drain(self) -> None:

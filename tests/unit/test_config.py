@@ -208,8 +208,8 @@ def test_bad_drift_detector_spec_names_its_key():
 
 def test_several_errors_are_all_reported():
     with pytest.raises(ConfigError) as e:
-        load_settings(data={"telemetry": {"port": -1}, "limits": {"batch_size": 0}}, env={})
-    assert "telemetry.port" in str(e.value) and "limits.batch_size" in str(e.value)
+        load_settings(data={"telemetry": {"port": -1}, "limits": {"batch_size": 0, "polls_in_flight": 0}}, env={})
+    assert all(k in str(e.value) for k in ("telemetry.port", "limits.batch_size", "limits.polls_in_flight"))
 
 
 # -- worker check ----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from worker.checkpoint.file import FileStore
 from worker.checkpoint.kafka import KafkaStore
 from worker.config import load_settings
 from worker.errors import FencedError
+from worker.learner import InlineLearners
 from worker.learning import Engine
 from worker.records import Batch, Outputs
 from worker.runtime import Runtime
@@ -447,3 +448,70 @@ def test_runtime_rewinds_after_an_aborted_commit(tmp_path):
     Runtime(Engine(settings), clean_source, clean, FileStore(tmp_path / "clean")).run()
     by_id = {p["id"]: p["prediction"] for p in clean.visible}
     assert all(by_id[p["id"]] == p["prediction"] for p in sink.visible)
+
+
+class LateInline(InlineLearners):
+    """Inline learners whose results are never back early (polls stay in flight)."""
+
+    def has_result(self) -> bool:
+        return False
+
+
+class LosingSource(ListSource):
+    """Loses shard s1 once, at the first poll where a snapshot's learner half is asked for
+    behind polls not yet published (the worker's half not taken yet)."""
+
+    def __init__(self, n: int, sink: "AbortingSink"):
+        super().__init__(n)
+        self.sink = sink
+        self.lost_while_queued = False
+
+    def start(self, listener) -> None:
+        self.runtime = listener
+        super().start(listener)
+
+    def poll(self, max_records: int, timeout: float) -> list[Batch]:
+        rt = self.runtime
+        if not self.lost_while_queued and rt._snapshotting and rt._parts is None and len(rt._inflight) > 1:
+            self.lost_while_queued = True
+            self.sink.in_callback = True
+            rt.on_lost(["s1"])
+            self.sink.in_callback = False
+            return []
+        return super().poll(max_records, timeout)
+
+
+class AbortingSink(TxnSink):
+    """Never fails a commit; ``abort`` drops the open transaction; commits inside a callback are counted."""
+
+    def __init__(self, source):
+        super().__init__(source)
+        self.commits = 100
+        self.in_callback = False
+        self.commits_in_callback = 0
+
+    def commit(self, positions: dict[str, int], wait: bool = True) -> None:
+        self.commits_in_callback += self.in_callback
+        super().commit(positions, wait)
+
+    def abort(self) -> bool:
+        self.pending = []
+        return True
+
+
+def test_a_lost_partition_never_commits_the_open_transaction_with_polls_in_flight(tmp_path):
+    """With three polls in flight and an overlapped snapshot queued, losing a partition drains
+    the other shards' polls without committing (the open transaction holds the lost shard's
+    outputs: it is aborted, and every shard rewinds)."""
+    settings = load_settings(data={"checkpoint": {"store": f"file://{tmp_path}", "every_records": 120},
+                                   "limits": {"polls_in_flight": 3}, "telemetry": {"port": None}}, env={})
+    engine = Engine(settings)
+    sink = AbortingSink(None)
+    source = LosingSource(400, sink)
+    sink.source = source
+    assert Runtime(engine, source, sink, FileStore(tmp_path), learners=LateInline(engine.learner)).run() == 0
+    assert source.lost_while_queued, "the situation under test never arose"
+    assert sink.commits_in_callback == 0
+    ids = [p["id"] for p in sink.visible]
+    assert len(ids) == len(set(ids)), "a prediction was published twice"
+    assert all(i.startswith("0-") for i in ids[-10:])  # s1 stayed lost
