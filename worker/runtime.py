@@ -15,8 +15,9 @@ Pipelining: the models live in a learner host (:mod:`worker.learner`), by defaul
 process. Each step polls a batch, decodes it (:meth:`Shard.begin`) and submits it to the
 learners, then collects the results of the polls in flight, oldest first, and encodes and
 publishes their outputs (:meth:`Shard.finish`): those whose results are back (not under
-the data-drift freeze policy), and always enough to leave at most ``limits.polls_in_flight`` polls in flight (all of them when the
-poll brought nothing, so that outputs never wait for the next records). With two in flight
+the data-drift freeze policy), and always enough to leave at most
+``limits.polls_in_flight`` polls in flight (all of them when the poll brought nothing, so
+that outputs never wait for the next records). With two in flight
 the child has poll k+2 queued while this process finishes poll k, so neither side waits for
 the other when one poll takes longer than the next. A shard's position moves when its
 outputs are published, so a commit never covers a record in flight. A periodic snapshot is
@@ -296,18 +297,20 @@ class Runtime:
                 self._since_checkpoint, self._last_checkpoint = 0, now
                 if len(self._inflight) == 1:
                     self._begin_snapshot()
-        self._publish_ready(drain=not begun)
+        self._publish_ready(everything=not begun)
         if due and not self._snapshotting:
             self.checkpoint()
         elif self._commit_every is not None and now - self._last_commit >= self._commit_every:
             self._commit(wait=False)
         return batches
 
-    def _publish_ready(self, drain: bool = False) -> None:
+    def _publish_ready(self, everything: bool = False, drain: bool = False) -> None:
         """Finish and publish the polls in flight, oldest first: those whose results are back,
-        at least down to ``limits.polls_in_flight`` of them, and all of them with ``drain`` (an
-        overlapped snapshot not begun by then is dropped: the learners' half is thrown away)."""
-        while self._inflight and (drain or len(self._inflight) > self._depth
+        at least down to ``limits.polls_in_flight`` of them, and all of them with ``everything``
+        or ``drain``. A drain begins no overlapped snapshot (one not begun by then is dropped:
+        the learners' half is thrown away)."""
+        everything = everything or drain
+        while self._inflight and (everything or len(self._inflight) > self._depth
                                   or (self._publish_early and self.learners.has_result())):
             begun, dump = self._inflight.popleft()
             results = self.learners.collect()

@@ -23,6 +23,7 @@ from worker.learner import InlineLearners
 from worker.learning import Engine
 from worker.records import Batch, Outputs
 from worker.runtime import Runtime
+from worker.state import loads_snapshot
 from worker.transports.base import Rewind
 from worker.transports.kafka import (
     KafkaSink,
@@ -515,3 +516,37 @@ def test_a_lost_partition_never_commits_the_open_transaction_with_polls_in_fligh
     ids = [p["id"] for p in sink.visible]
     assert len(ids) == len(set(ids)), "a prediction was published twice"
     assert all(i.startswith("0-") for i in ids[-10:])  # s1 stayed lost
+
+
+class GappySource(ListSource):
+    """Every third poll brings nothing (a stream slower than the worker)."""
+
+    def poll(self, max_records: int, timeout: float) -> list[Batch]:
+        self._polls = getattr(self, "_polls", 0) + 1
+        return [] if self._polls % 3 == 0 else super().poll(max_records, timeout)
+
+
+class CountingStore(FileStore):
+    def __init__(self, directory):
+        super().__init__(directory)
+        self.positions: list[int] = []
+
+    def save(self, shard: str, blob: bytes) -> None:
+        self.positions.append(loads_snapshot(blob, self.spec).position)
+        super().save(shard, blob)
+
+
+def test_snapshots_between_polls_are_kept_when_empty_polls_publish_what_is_in_flight(tmp_path):
+    """An empty poll publishes every poll in flight; a snapshot asked for behind them is still
+    taken (its worker half once the polls before it are published), not dropped."""
+    settings = load_settings(data={"checkpoint": {"store": f"file://{tmp_path}", "every_records": 120},
+                                   "limits": {"polls_in_flight": 3}, "telemetry": {"port": None}}, env={})
+    engine = Engine(settings)
+    source = GappySource(400)
+    sink = TxnSink(source)
+    sink.commits = 100  # no failures
+    store = CountingStore(tmp_path)
+    store.spec = engine.spec
+    assert Runtime(engine, source, sink, store, learners=LateInline(engine.learner)).run() == 0
+    between = [p for p in store.positions if 0 < p < 400]
+    assert len(between) >= 2 * (800 // 120 - 1), f"snapshots between polls were dropped: {store.positions}"
