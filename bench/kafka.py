@@ -60,9 +60,9 @@ def worker_run(bootstrap: str, topic: str, n: int, delivery: str, workdir: Path,
     return obs.end - obs.first, None if cpu is None else cpu.breakdown(obs.first, obs.end)
 
 
-def print_cpu(delivery: str, n: int, wall: float, rows: list[dict]) -> None:
+def print_cpu(label: str, n: int, wall: float, rows: list[dict]) -> None:
     """One worker run's CPU breakdown, per record and in cores."""
-    print(f"  {delivery}: {wall * 1e6 / n:.1f} µs/record wall, CPU by process and thread:")
+    print(f"  {label}: {wall * 1e6 / n:.1f} µs/record wall, CPU by process and thread:")
     for r in rows:
         print(f"    {r['role']:<7} {r['thread']:<18} {r['cpu_s'] * 1e6 / n:6.2f} µs/record  {r['share']:.2f} cores")
     print(f"    {'total':<26} {sum(r['cpu_s'] for r in rows) * 1e6 / n:6.2f} µs/record  "

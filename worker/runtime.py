@@ -90,8 +90,6 @@ class Runtime:
         self._last_checkpoint = time.monotonic()
         self._commit_every: float | None = getattr(sink, "commit_every", None)
         self._last_commit = time.monotonic()
-        # An overlapped snapshot is under way: from the poll submitted with a dump until its results
-        self._snapshotting = False
         # The snapshot waiting for the learners' half: {shard: (position, pickled monitor part)}
         self._parts: dict[str, tuple[int, bytes]] | None = None
         # Snapshots between polls need begin() to leave snapshot state alone (not with freeze).
@@ -161,7 +159,7 @@ class Runtime:
             self.learners.collect()
         self.learners.take_dumps()
         self._inflight.clear()
-        self._parts, self._snapshotting = None, False
+        self._parts = None
         self._forget(names)
         if names:
             self.on_assign(names)
@@ -244,7 +242,7 @@ class Runtime:
     def _end_snapshot(self) -> None:
         """Second half, when the learners' fields arrived: write each snapshot still ours."""
         dumps = self.learners.take_dumps()
-        parts, self._parts, self._snapshotting = self._parts, None, False
+        parts, self._parts = self._parts, None
         if dumps is None or parts is None:
             return
         for name, (position, main) in parts.items():
@@ -288,17 +286,17 @@ class Runtime:
         )
         # An overlapped snapshot: the learners pickle their fields before learning this poll,
         # this process its own once every earlier poll is published; both are then at the same position.
-        overlapped = due and self._overlapped_snapshots and not self._snapshotting
+        # (At most one under way: from the poll asking for it until that poll is published.)
+        overlapped = due and self._overlapped_snapshots and not any(dump for _, dump in self._inflight)
         if begun or overlapped:
             self.learners.submit([p.request for _, p in begun], dump=overlapped)
             self._inflight.append((begun, overlapped))
             if overlapped:
-                self._snapshotting = True
                 self._since_checkpoint, self._last_checkpoint = 0, now
                 if len(self._inflight) == 1:
                     self._begin_snapshot()
         self._publish_ready(everything=not begun)
-        if due and not self._snapshotting:
+        if due and not self._overlapped_snapshots:  # (freeze) drained instead
             self.checkpoint()
         elif self._commit_every is not None and now - self._last_commit >= self._commit_every:
             self._commit(wait=False)

@@ -19,7 +19,6 @@ from worker.checkpoint.file import FileStore
 from worker.checkpoint.kafka import KafkaStore
 from worker.config import load_settings
 from worker.errors import FencedError
-from worker.learner import InlineLearners
 from worker.learning import Engine
 from worker.records import Batch, Outputs
 from worker.runtime import Runtime
@@ -451,13 +450,6 @@ def test_runtime_rewinds_after_an_aborted_commit(tmp_path):
     assert all(by_id[p["id"]] == p["prediction"] for p in sink.visible)
 
 
-class LateInline(InlineLearners):
-    """Inline learners whose results are never back early (polls stay in flight)."""
-
-    def has_result(self) -> bool:
-        return False
-
-
 class LosingSource(ListSource):
     """Loses shard s1 once, at the first poll where a snapshot's learner half is asked for
     behind polls not yet published (the worker's half not taken yet)."""
@@ -473,7 +465,8 @@ class LosingSource(ListSource):
 
     def poll(self, max_records: int, timeout: float) -> list[Batch]:
         rt = self.runtime
-        if not self.lost_while_queued and rt._snapshotting and rt._parts is None and len(rt._inflight) > 1:
+        asked = any(dump for _, dump in rt._inflight)
+        if not self.lost_while_queued and asked and rt._parts is None and len(rt._inflight) > 1:
             self.lost_while_queued = True
             self.sink.in_callback = True
             rt.on_lost(["s1"])
@@ -500,7 +493,7 @@ class AbortingSink(TxnSink):
         return True
 
 
-def test_a_lost_partition_never_commits_the_open_transaction_with_polls_in_flight(tmp_path):
+def test_a_lost_partition_never_commits_the_open_transaction_with_polls_in_flight(tmp_path, late_learners):
     """With three polls in flight and an overlapped snapshot queued, losing a partition drains
     the other shards' polls without committing (the open transaction holds the lost shard's
     outputs: it is aborted, and every shard rewinds)."""
@@ -510,7 +503,7 @@ def test_a_lost_partition_never_commits_the_open_transaction_with_polls_in_fligh
     sink = AbortingSink(None)
     source = LosingSource(400, sink)
     sink.source = source
-    assert Runtime(engine, source, sink, FileStore(tmp_path), learners=LateInline(engine.learner)).run() == 0
+    assert Runtime(engine, source, sink, FileStore(tmp_path), learners=late_learners(engine.learner)).run() == 0
     assert source.lost_while_queued, "the situation under test never arose"
     assert sink.commits_in_callback == 0
     ids = [p["id"] for p in sink.visible]
@@ -536,7 +529,7 @@ class CountingStore(FileStore):
         super().save(shard, blob)
 
 
-def test_snapshots_between_polls_are_kept_when_empty_polls_publish_what_is_in_flight(tmp_path):
+def test_snapshots_between_polls_are_kept_when_empty_polls_publish_what_is_in_flight(tmp_path, late_learners):
     """An empty poll publishes every poll in flight; a snapshot asked for behind them is still
     taken (its worker half once the polls before it are published), not dropped."""
     settings = load_settings(data={"checkpoint": {"store": f"file://{tmp_path}", "every_records": 120},
@@ -547,6 +540,6 @@ def test_snapshots_between_polls_are_kept_when_empty_polls_publish_what_is_in_fl
     sink.commits = 100  # no failures
     store = CountingStore(tmp_path)
     store.spec = engine.spec
-    assert Runtime(engine, source, sink, store, learners=LateInline(engine.learner)).run() == 0
+    assert Runtime(engine, source, sink, store, learners=late_learners(engine.learner)).run() == 0
     between = [p for p in store.positions if 0 < p < 400]
     assert len(between) >= 2 * (800 // 120 - 1), f"snapshots between polls were dropped: {store.positions}"

@@ -80,14 +80,6 @@ class Recording(FileStore):
         super().save(shard, blob)
 
 
-class Late(InlineLearners):
-    """Inline learners whose results are never back early: the runtime publishes a poll only
-    when ``limits.polls_in_flight`` forces it, so snapshots begin polls after they were asked."""
-
-    def has_result(self) -> bool:
-        return False
-
-
 def run_worker(tmp_path, tag: str, s, data, learners=None) -> tuple[dict, Recording]:
     out = tmp_path / tag
     out.mkdir()
@@ -113,7 +105,7 @@ DATA = {"reference_size": 500, "window": 500}
     {"data": {"policy": "freeze", **DATA}},
     {"data": DATA, "concept": {"policy": "reset", "detector": {"drift.ADWIN": {"delta": 0.01}}}},
 ], ids=["alert", "freeze", "reset"])
-def test_outputs_and_snapshots_do_not_depend_on_where_the_model_learns(tmp_path, drift):
+def test_outputs_and_snapshots_do_not_depend_on_where_the_model_learns(tmp_path, drift, late_learners):
     """With snapshots every 700 records over 200-record polls, each snapshot between polls
     (overlapped with learning, or drained under the freeze policy) equals the state of a
     plain shard that processed exactly the records before its position, also when three
@@ -126,7 +118,7 @@ def test_outputs_and_snapshots_do_not_depend_on_where_the_model_learns(tmp_path,
                   checkpoint={"store": "file:///unused", "every_records": 700, "every_seconds": 3600})
     runs = {mode: run_worker(tmp_path, mode, settings(learner=mode, **common), data) for mode in ("inline", "process")}
     late = settings(**{**common, "limits": {"batch_size": 200, "polls_in_flight": 3}})
-    runs["late"] = run_worker(tmp_path, "late", late, data, Late(LearnerConfig(late)))
+    runs["late"] = run_worker(tmp_path, "late", late, data, late_learners(LearnerConfig(late)))
     (inline, inline_store), (process, process_store) = runs["inline"], runs["process"]
     assert process == inline
     assert runs["late"][0] == inline
@@ -143,6 +135,8 @@ def test_outputs_and_snapshots_do_not_depend_on_where_the_model_learns(tmp_path,
         states = [loads_snapshot(blob, spec) for blob in store.saved]
         between = [st for st in states if 0 < st.position < 6_000]
         assert len(between) >= 6, "no snapshots were taken between polls"
+        gaps = [b.position - a.position for a, b in zip(between, between[1:])]
+        assert min(gaps) >= 700, f"a checkpoint was taken twice: positions {[st.position for st in between]}"
         for st in between:
             ref = Engine(settings(**common)).shard("in")
             for start in range(0, st.position, 200):
