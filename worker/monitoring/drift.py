@@ -13,7 +13,9 @@ indices in a ring buffer (bounded memory whatever the cardinality) and compared 
 reference every ``check_every`` values by PSI or by the KS distance between the binned
 distributions. An alarm is raised when the statistic crosses the threshold (never below the
 level that sampling noise alone reaches with probability 1e-6, so many bins do not mean
-false alarms) and cleared when it falls under half of it.
+false alarms) and cleared when it falls under half of it. The windows of all the watched
+streams share one ring and one count vector (:class:`_Windows`): a batch costs a few numpy
+calls whatever the number of features.
 
 >>> d = ConceptDrift({"drift.ADWIN": {"delta": 0.002}})
 >>> fired = [i for i, e in enumerate([0.0] * 1000 + [1.0] * 1000) if d.update(e)]
@@ -33,6 +35,7 @@ false alarms) and cleared when it falls under half of it.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import operator
 from collections import Counter
@@ -146,7 +149,6 @@ class _Watch:
         self.missing_bin = self.n_bins - 1
         ref = np.bincount(self.bin(reference), minlength=self.n_bins).astype(float)
         self.reference = ref / ref.sum()
-        self.reference_list = self.reference.tolist()
         self.ring = np.zeros(window, dtype=np.int32)
         self.counts = np.zeros(self.n_bins, dtype=np.int64)
         self.filled = 0
@@ -169,45 +171,125 @@ class _Watch:
             [self.missing_bin if v is None else cats.get(v, other) for v in values], dtype=np.int64
         ) if values else np.zeros(0, dtype=np.int64)
 
-    def add(self, values: list) -> None:
-        idx = self.bin(values)
-        w = len(self.ring)
-        if len(idx) >= w:
+
+class _Windows:
+    """The sliding windows of every watch of a :class:`DistributionDrift`, as one ring of bin
+    indices (``window`` rows, a column per watch) and one vector of counts (each watch's bins
+    side by side). Each watch's ``ring`` and ``counts`` become views into them, so the watches
+    pickle as before (a snapshot holds no trace of this object) and test their own window.
+
+    A batch is binned at once (the numeric watches by one comparison against all their
+    edges) and then added chunk by chunk (``check_every`` values), a handful of numpy calls
+    per chunk instead of a dozen per watch. Over Agrawal's 9 numeric features, in batches
+    of 500, that took the watch from 1.67 to 1.17 µs per record (best of 7, one process);
+    most of what is left is turning the values into one float array.
+    """
+
+    def __init__(self, watches: list[_Watch]):
+        self.watches = watches
+        sizes = [w.n_bins for w in watches]
+        self.offsets = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
+        self.total = int(sum(sizes))
+        self.window = len(watches[0].ring)
+        self.ring = np.stack([w.ring for w in watches], axis=1)
+        self.counts = np.concatenate([w.counts for w in watches]).astype(np.int64)
+        for j, w in enumerate(watches):
+            w.ring = self.ring[:, j]
+            w.counts = self.counts[self.offsets[j] : self.offsets[j] + w.n_bins]
+        self.ptr, self.filled = watches[0].ptr, watches[0].filled
+        self.names = [w.name for w in watches]
+        self.numeric = [j for j, w in enumerate(watches) if w.numeric]
+        self.categorical = [j for j, w in enumerate(watches) if not w.numeric]
+        self.numeric_names = [self.names[j] for j in self.numeric]
+        width = max([len(watches[j].edges) for j in self.numeric], default=0)
+        # each numeric watch's edges, padded with +inf (never below a value): row j, its bin is
+        # the number of its edges <= the value, as np.searchsorted(edges, v, side="right") gives
+        self.edges = np.full((len(self.numeric), width), np.inf)
+        for row, j in enumerate(self.numeric):
+            self.edges[row, : len(watches[j].edges)] = watches[j].edges
+        self.missing = np.array([watches[j].missing_bin for j in self.numeric], dtype=np.int64)
+        # for the tests: each watch's bins as a row, padded with empty bins (which add nothing)
+        self._cells = (np.repeat(np.arange(len(watches)), sizes), np.concatenate([np.arange(k) for k in sizes]))
+        self._shape = (len(watches), max(sizes))
+        self.reference = np.zeros(self._shape)
+        self.reference[self._cells] = np.concatenate([w.reference for w in watches])
+        self._ks = np.array([w.numeric for w in watches])
+
+    def bins(self, xs: list, plain: bool) -> np.ndarray:
+        """The bin of every value of ``xs`` for every watch: ``len(xs)`` rows, a column per watch.
+        ``plain``: ``xs`` are the values themselves (prediction drift, one watch)."""
+        watches = self.watches
+        if plain:
+            return watches[0].bin(xs)[:, None]
+        out = np.empty((len(xs), len(watches)), dtype=np.int64)
+        if self.numeric:
+            out[:, self.numeric] = self._numeric_bins(xs)
+        for j in self.categorical:
+            name = self.names[j]
+            out[:, j] = watches[j].bin([x.get(name) for x in xs])
+        return out
+
+    def _numeric_bins(self, xs: list) -> np.ndarray:
+        names = self.numeric_names
+        get = operator.itemgetter(*names)
+        try:  # every record has every numeric feature: all in C
+            rows = list(map(get, xs))
+        except KeyError:  # a missing feature: its bin is the missing one
+            rows = ([tuple(x.get(name) for name in names) for x in xs] if len(names) > 1
+                    else [x.get(names[0]) for x in xs])
+        try:
+            values = np.fromiter(itertools.chain.from_iterable(rows) if len(names) > 1 else rows, float,
+                                 count=len(xs) * len(names)).reshape(len(xs), len(names))
+        except (TypeError, ValueError):
+            try:  # a missing value (None: NaN, the missing bin)
+                values = np.array(rows, dtype=float).reshape(len(xs), len(names))
+            except (TypeError, ValueError):  # a value that is no number: each watch bins its column
+                columns = zip(*rows) if len(names) > 1 else [rows]
+                return np.stack([self.watches[j].bin(list(c)) for j, c in zip(self.numeric, columns)], axis=1)
+        out = (values[:, :, None] >= self.edges[None, :, :]).sum(axis=2)
+        nan = np.isnan(values)
+        if nan.any():
+            out = np.where(nan, self.missing, out)
+        return out
+
+    def add(self, idx: np.ndarray) -> None:
+        """Slide every window over a chunk of bins (rows of :meth:`bins`)."""
+        w = self.window
+        n = len(idx)
+        if n >= w:
             idx = idx[-w:]
-            self.ring[:] = np.roll(idx, self.ptr)
-            self.counts = np.bincount(idx, minlength=self.n_bins)
+            self.ring[:] = np.roll(idx, self.ptr, axis=0)
+            self.counts[:] = np.bincount((idx + self.offsets).ravel(), minlength=self.total)
             self.filled = w
-            return
-        slots = (self.ptr + np.arange(len(idx))) % w
-        if self.filled == w:
-            self.counts -= np.bincount(self.ring[slots], minlength=self.n_bins)
-        self.ring[slots] = idx
-        self.counts += np.bincount(idx, minlength=self.n_bins)
-        self.ptr = (self.ptr + len(idx)) % w
-        self.filled = min(w, self.filled + len(idx))
+        else:
+            slots = (self.ptr + np.arange(n)) % w
+            if self.filled == w:
+                self.counts -= np.bincount((self.ring[slots] + self.offsets).ravel(), minlength=self.total)
+            self.ring[slots] = idx
+            self.counts += np.bincount((idx + self.offsets).ravel(), minlength=self.total)
+            self.ptr = (self.ptr + n) % w
+            self.filled = min(w, self.filled + n)
+        for watch in self.watches:  # (each watch keeps its own, as a snapshot holds it)
+            watch.ptr, watch.filled = self.ptr, self.filled
 
-    def test(self, kind: str, n_ref: int) -> tuple[str, float, float]:
-        """(detector name, statistic, noise floor) of the current window against the reference.
-
-        Plain Python over a dozen bins: cheaper than numpy's per-call overhead at this size.
-        """
-        counts = self.counts.tolist()
+    def test(self, kind: str, n_ref: int) -> list[tuple[str, float, float]]:
+        """(detector name, statistic, noise floor) of each watch's window against its reference:
+        PSI, or with ``kind="ks"`` the KS distance for the numeric watches (over the bins in
+        order, the missing one last)."""
         n = self.filled
-        reference = self.reference_list
-        if kind == "ks" and self.numeric:
-            stat = cur_cdf = ref_cdf = 0.0
-            for c, r in zip(counts, reference):
-                cur_cdf += c / n
-                ref_cdf += r
-                stat = max(stat, abs(cur_cdf - ref_cdf))
-            return "KS", stat, _KS_C * math.sqrt((n + n_ref) / (n * n_ref))
-        stat = 0.0
-        bins = 0
-        for c, r in zip(counts, reference):
-            p, q = c / n + _EPS, r + _EPS
-            stat += (p - q) * math.log(p / q)
-            bins += c > 0 or r > 0
-        return "PSI", stat, _chi2_quantile(max(1, bins - 1)) * (1 / n + 1 / n_ref)
+        current = np.zeros(self._shape)
+        current[self._cells] = self.counts / n
+        ref = self.reference
+        p, q = current + _EPS, ref + _EPS
+        psi = np.cumsum((p - q) * np.log(p / q), axis=1)[:, -1].tolist()  # (summed in bin order)
+        bins = ((current > 0) | (ref > 0)).sum(axis=1).tolist()
+        psi_noise = 1 / n + 1 / n_ref
+        if kind == "ks" and self._ks.any():
+            ks = np.abs(np.cumsum(current, axis=1) - np.cumsum(ref, axis=1)).max(axis=1).tolist()
+            ks_floor = _KS_C * math.sqrt((n + n_ref) / (n * n_ref))
+            return [("KS", ks[j], ks_floor) if numeric else ("PSI", psi[j], _chi2_quantile(max(1, bins[j] - 1)) * psi_noise)
+                    for j, numeric in enumerate(self._ks.tolist())]
+        return [("PSI", stat, _chi2_quantile(max(1, used - 1)) * psi_noise) for stat, used in zip(psi, bins)]
 
 
 class DistributionDrift:
@@ -241,6 +323,18 @@ class DistributionDrift:
         self._reference: dict[str, list] = {}
         self.watches: dict[str, _Watch] = {}
 
+    _windows: _Windows | None = None  # (also for snapshots taken before it existed)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_windows", None)  # derived: rebuilt from the watches after loading
+        return state
+
+    def _joint(self) -> _Windows:
+        if self._windows is None:
+            self._windows = _Windows(list(self.watches.values()))
+        return self._windows
+
     @property
     def alarms(self) -> list[str]:
         """Names currently in alarm."""
@@ -255,6 +349,7 @@ class DistributionDrift:
         events: list[dict[str, Any]] = []
         start = 0
         total = len(xs)
+        bins = None
         while start < total:
             if self.seen < self.warmup:
                 end = min(total, start + self.warmup - self.seen)
@@ -264,27 +359,20 @@ class DistributionDrift:
                 if self.seen + (end - start) >= self.warmup + self.reference_size:
                     self._build()
             else:
+                if not self.watches:  # (nothing was seen in the reference)
+                    self.seen += total - start
+                    break
+                if bins is None:  # the rest of the batch, binned at once
+                    windows = self._joint()
+                    bins, origin = windows.bins(xs[start:], self.signal == "prediction"), start
                 to_check = self.check_every - (self.seen - self.warmup - self.reference_size) % self.check_every
                 end = min(total, start + to_check)
-                for w, values in zip(self.watches.values(), self._columns(xs[start:end])):
-                    w.add(values)
+                windows.add(bins[start - origin : end - origin])
                 if end - start == to_check:
                     self._check(events, ids[end - 1], positions[end - 1])
             self.seen += end - start
             start = end
         return events
-
-    def _columns(self, xs: list) -> list:
-        """One list of values per watch, in the order of ``self.watches``."""
-        if self.signal == "prediction":
-            return [xs]
-        names = list(self.watches)
-        try:  # every record has every watched feature: all in C
-            return [list(c) for c in zip(*map(operator.itemgetter(*names), xs))] if len(names) > 1 else [
-                [x[names[0]] for x in xs]
-            ]
-        except KeyError:
-            return [[x.get(name) for x in xs] for name in names]
 
     def _collect(self, xs: list) -> None:
         ref = self._reference
@@ -306,12 +394,10 @@ class DistributionDrift:
         self._reference = {}
 
     def _check(self, events: list, record_id: Any, position: int) -> None:
-        if self.seen == 0:
+        windows = self._joint()
+        if self.seen == 0 or windows.filled < self.window:
             return
-        for name, w in self.watches.items():
-            if w.filled < self.window:
-                continue
-            detector, stat, floor = w.test(self.test, self.reference_size)
+        for (name, w), (detector, stat, floor) in zip(self.watches.items(), windows.test(self.test, self.reference_size)):
             w.statistic = stat
             threshold = max(self.threshold, floor)
             if not w.alarm and stat > threshold:
