@@ -224,7 +224,7 @@ class _GatedProducer(_FencingProducer):
         assert self.gate.wait(10)
         self.calls.append("commit")
 
-    def produce(self, topic, value, key=None, on_delivery=None):
+    def produce(self, topic, value, key=None, partition=-1, on_delivery=None):  # (as Producer.produce)
         self.calls.append(f"produce {value.decode()}")
 
     def poll(self, timeout=0):
@@ -263,7 +263,7 @@ class _HeldProducer:
     def __init__(self):
         self.held: list = []
 
-    def produce(self, topic, value, key=None, on_delivery=None):
+    def produce(self, topic, value, key=None, partition=-1, on_delivery=None):  # (as Producer.produce)
         self.held.append((value, on_delivery))
 
     def deliver(self, values, err=None):

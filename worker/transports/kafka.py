@@ -65,6 +65,9 @@ FENCED = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.I
 #: Client errors that mean no broker can be reached (one closed connection is not one of them).
 UNREACHABLE = frozenset({KafkaError._ALL_BROKERS_DOWN})
 TIMEOUT = 30.0  # bound on one blocking client call, seconds
+#: ``Producer.produce``'s partition argument meaning "the partitioner decides" (librdkafka's
+#: RD_KAFKA_PARTITION_UA), for passing the delivery callback after it positionally.
+ANY_PARTITION = -1
 
 
 def shard_name(topic: str, partition: int) -> str:
@@ -380,8 +383,8 @@ class KafkaSink:
                     producer.begin_transaction()
                     self._in_txn = True
                 for key, value in messages:
-                    try:
-                        produce(topic, value, key, on_delivery=done)
+                    try:  # (positional: a keyword makes the C call build a dict, ~0.3 µs per message)
+                        produce(topic, value, key, ANY_PARTITION, done)
                     except BufferError:  # the local queue is full: serve deliveries, then retry
                         self._produce_when_room(topic, value, key, done)
             producer.poll(0)
@@ -393,7 +396,7 @@ class KafkaSink:
         while True:
             self.producer.poll(0.05)
             try:
-                self.producer.produce(topic, value, key, on_delivery=done)
+                self.producer.produce(topic, value, key, ANY_PARTITION, done)
                 return
             except BufferError:
                 if time.monotonic() > deadline:
