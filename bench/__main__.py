@@ -222,10 +222,22 @@ def _latency(broker: str, bootstrap: str, consumer_conf: dict, records: list, va
                 lat = latency.measure(bootstrap, consumer_conf, delivery, rate, seconds, records, warmup=warmup)
             except harness.ChildFailed as exc:
                 lat = {"delivery": delivery, "rate": rate, "error": str(exc)}
-            lat.update(broker=broker, load=load, max_rate=top, max_rate_alone=alone)
+            lat.update(broker=broker, load=load, max_rate=top, max_rate_alone=alone, floor=_floor(
+                bootstrap, consumer_conf, delivery, rate, seconds, records, warmup))
             rows.append(lat)
-            log(f"  p50 {lat.get('p50_ms') or 0:.1f} ms, p99 {lat.get('p99_ms') or 0:.1f} ms")
+            log(f"  p50 {lat.get('p50_ms') or 0:.1f} ms, p99 {lat.get('p99_ms') or 0:.1f} ms; "
+                f"the relay: p50 {lat['floor'].get('p50_ms') or 0:.1f} ms, p99 {lat['floor'].get('p99_ms') or 0:.1f} ms")
     return rows
+
+
+def _floor(bootstrap: str, consumer_conf: dict, delivery: str, rate: float, seconds: float, records: list,
+           warmup: float) -> dict:
+    """The same rate through :mod:`bench.relay` (nothing done to the records): the floor under the worker's latency."""
+    try:
+        got = latency.measure(bootstrap, consumer_conf, delivery, rate, seconds, records, warmup=warmup, contender="relay")
+    except harness.ChildFailed as exc:
+        return {"error": str(exc)}
+    return {k: got[k] for k in ("p50_ms", "p99_ms", "max_ms", "received", "sent")}
 
 
 def _capacity(broker: str, bootstrap: str, consumer_conf: dict, delivery: str, records: list, alone: float,

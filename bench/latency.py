@@ -112,11 +112,13 @@ def _warm_up(producer: Producer, topic: str, consumer: Consumer, records: list[t
 
 def measure(bootstrap: str, consumer_conf: dict, delivery: str, rate: float, seconds: float,
             records: list[tuple[dict, int]], timeout: float = 120.0, overrides: dict | None = None,
-            warmup: float = WARMUP) -> dict:
+            warmup: float = WARMUP, contender: str = "worker") -> dict:
     """p50/p99/max latency (ms) of the records sent at ``rate`` per second during ``seconds``,
     the first ``warmup`` of them not counted.
 
-    ``overrides``: worker settings merged section by section into the configuration.
+    ``contender``: ``worker``, or ``relay`` (:mod:`bench.relay`, the floor: the same broker
+    trips with nothing done to the records). ``overrides``: worker settings merged section
+    by section into the configuration.
     """
     from tests.brokers import free_port
     from worker.transports.kafka import create_topics
@@ -126,10 +128,16 @@ def measure(bootstrap: str, consumer_conf: dict, delivery: str, rate: float, sec
     create_topics(bootstrap, [topic, *h.outputs(tag).values()])
     workdir = Path(tempfile.mkdtemp(prefix="bench-latency-"))
     port = free_port()
-    config = _config(workdir, bootstrap, topic, tag, delivery, consumer_conf, port, overrides)
-    worker = h.start(h.python_cmd("worker", "run", "-c", str(config)), workdir / "worker.log")
+    if contender == "relay":
+        cmd = h.python_cmd("bench.relay", "--bootstrap", bootstrap, "--topic", topic, "--out", h.outputs(tag)["predictions"],
+                           "--consumer-config", h.json_arg(consumer_conf),
+                           *(["--transactional"] if delivery == "exactly_once" else []))
+    else:
+        config = _config(workdir, bootstrap, topic, tag, delivery, consumer_conf, port, overrides)
+        cmd = h.python_cmd("worker", "run", "-c", str(config))
+    worker = h.start(cmd, workdir / "worker.log")
     try:
-        if not _ready(port, 60):
+        if contender == "worker" and not _ready(port, 60):
             raise h.ChildFailed(f"the worker was not ready in 60 s (log {workdir / 'worker.log'})")
         consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{tag}-reader", "isolation.level": "read_committed",
                              "enable.auto.commit": False, "fetch.wait.max.ms": 5})
@@ -152,7 +160,8 @@ def measure(bootstrap: str, consumer_conf: dict, delivery: str, rate: float, sec
                 if m.error() is not None:
                     continue
                 now = time.time()
-                ts = orjson.loads(m.value())["ts"]
+                out = orjson.loads(m.value())
+                ts = out["ts"] if "ts" in out else out["sent"]  # a prediction, or the record the relay forwarded
                 received += 1
                 if started + warmup <= now < started + seconds:
                     in_window += 1

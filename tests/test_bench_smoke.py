@@ -36,6 +36,7 @@ def test_quick_run_writes_every_result(tmp_path):
         assert measured[key]["ratios"], (key, measured[key]["errors"])
     assert [lat["delivery"] for lat in results["latency"] if lat.get("p99_ms") is not None] == ["exactly_once"]
     assert all(lat["max_rate"] > 0 and lat["max_rate_alone"] > 0 for lat in results["latency"])
+    assert all(lat["floor"].get("p99_ms") is not None for lat in results["latency"]), results["latency"]  # the relay
     assert [r["learner"] for r in results["scaling"]] == ["process", "inline"]
     assert all(r["one"] and r["two"] for r in results["scaling"])
     assert [w["features"] for w in results["width"]] == [10, 100]
