@@ -21,8 +21,11 @@ import math
 from collections import Counter, deque
 from typing import Any
 
+import numpy as np
+
 _EPS = 1e-15
 _log = math.log
+_FLOAT = frozenset([float])
 
 
 def _cross_entropy(y: Any, proba: dict) -> float:
@@ -34,6 +37,25 @@ def _cross_entropy(y: Any, proba: dict) -> float:
     if p != p:  # a model that outputs NaN: not scored (river's metric would turn NaN for good)
         return None  # type: ignore[return-value]
     return -_log(min(max(p, _EPS), 1 - _EPS))
+
+
+def _cross_entropies(ys: list, probas: list) -> list:
+    """:func:`_cross_entropy` of each record (None where the model gave no probabilities),
+    in one numpy pass when every true label has a float probability (the common case).
+
+    >>> _cross_entropies([1, 1], [{1: 0.5}, {0: 0.5, 1: float("nan")}])
+    [0.6931471805599453, None]
+    >>> _cross_entropies([1, 0, 1], [{1: 0.5}, None, {0: 1.0}])
+    [0.6931471805599453, None, 0.0]
+    """
+    ps = [p.get(y) if p is not None else None for y, p in zip(ys, probas)]
+    if not _FLOAT.issuperset(map(type, ps)):  # no probabilities, none for the label, or not floats
+        return [_cross_entropy(y, p) if p is not None else None for y, p in zip(ys, probas)]
+    arr = np.array(ps, dtype=np.float64)
+    losses = (-np.log(np.clip(arr, _EPS, 1 - _EPS))).tolist()
+    if np.isnan(arr).any():  # NaN probabilities are not scored
+        return [None if v != v else v for v in losses]
+    return losses
 
 
 def _classification_metrics(confusion: dict, n: int, logloss_sum: float, n_proba: int) -> dict[str, float]:
@@ -76,7 +98,7 @@ class ClassificationQuality:
         if probas is None:
             self.recent.extend(zip(ys, preds, [None] * len(ys)))
         else:
-            losses = [_cross_entropy(y, p) if p is not None else None for y, p in zip(ys, probas)]
+            losses = _cross_entropies(ys, probas)
             self.logloss_sum += sum([v for v in losses if v is not None])
             self.n_proba += len(losses) - losses.count(None)
             self.recent.extend(zip(ys, preds, losses))

@@ -139,3 +139,23 @@ def test_score_quality_and_factory():
     assert isinstance(quality_for("classification", 5), ClassificationQuality)
     assert isinstance(quality_for("regression", 5), RegressionQuality)
     assert isinstance(quality_for("anomaly", 5), ScoreQuality)
+
+
+def test_batched_cross_entropy_equals_the_per_record_one():
+    """The numpy pass (all float probabilities) and the per-record path agree, NaN included."""
+    import math
+    import random
+
+    from worker.monitoring.quality import _cross_entropies, _cross_entropy
+
+    rng = random.Random(3)
+    ys = [rng.choice([0, 1]) for _ in range(400)]
+    floats = [{0: 1 - p, 1: p} for p in (rng.choice([0.0, 1.0, 1e-20, rng.random()]) for _ in range(400))]
+    floats[17][1] = floats[17][0] = math.nan
+    mixed = [*floats[:200], None, {0: 1.0}, {1: 1}, *floats[200:]]  # no probabilities, no label, an int
+    for probas, labels in ((floats, ys), (mixed, [*ys[:200], 1, 1, 1, *ys[200:]])):
+        batched = _cross_entropies(labels, probas)
+        one_by_one = [_cross_entropy(y, p) if p is not None else None for y, p in zip(labels, probas)]
+        assert [v is None for v in batched] == [v is None for v in one_by_one]
+        assert all(a == pytest.approx(b, rel=1e-12, abs=0) for a, b in zip(batched, one_by_one) if b is not None)
+    assert _cross_entropies(ys[:1], [floats[17]]) == [None]
