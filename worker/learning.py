@@ -262,7 +262,7 @@ class Shard:
         if self.engine.task in ("clustering", "anomaly"):
             state.quality.update_many([], outs)
         elif labelled:
-            ys, yp, probas = (list(c) for c in zip(*labelled))
+            ys, yp, probas = labelled
             state.quality.update_many(ys, yp, probas if self.engine.task == "classification" else None)
         if state.prediction_drift is not None and outs:
             for event in state.prediction_drift.update_many(outs, out_ids, out_pos):
@@ -284,8 +284,9 @@ class Shard:
         tel.batch_records.observe(pending.size)
         return out
 
-    def _predictions(self, out: Outputs, pending: Pending, result: LearnResult) -> tuple[int, int, list, list]:
-        """Encode a prediction per learned record; (predicted, learned, labelled, outputs) for the monitor."""
+    def _predictions(self, out: Outputs, pending: Pending, result: LearnResult) -> tuple[int, int, list | None, list]:
+        """Encode a prediction per learned record; (predicted, learned, labelled, outputs) for the monitor,
+        ``labelled`` as the columns [targets, predictions, extras] (None if no record had a target)."""
         now, publish_from = pending.now, pending.publish_from
         predictions = out.predictions
         key_field = self._key_field
@@ -299,6 +300,8 @@ class Shard:
         regression = self.engine.task == "regression"
         labelled: list = []
         add_labelled = labelled.append
+        watched: list[int] = []  # the records fed to the concept watch, by index
+        add_watched = watched.append
         outputs_all: list = []
         add_output = outputs_all.append
         n_pred = n_learn = 0
@@ -320,11 +323,17 @@ class Shard:
             elif y is not None:
                 add_labelled((y, pred, extra))
                 n_learn += 1
-                if concept is not None and concept.observe(y, pred, regression):  # (alert policy: watched here)
-                    self._emit_drift(out, concept.event(rid, pos), now, publish_from, version)
+                if concept is not None:
+                    add_watched(i)
             else:
                 n_pred += 1
-        return n_pred, n_learn, labelled, outputs_all
+        columns = [list(c) for c in zip(*labelled)] if labelled else None  # ys, predictions, extras
+        if concept is not None and columns:  # (alert policy: the error stream is watched here)
+            records = pending.records
+            for j, event in concept.observe_many(columns[0], columns[1], regression, lambda j: records[watched[j]]):
+                i = watched[j]
+                self._emit_drift(out, event, now, publish_from, result.version_before if versions is None else versions[i])
+        return n_pred, n_learn, columns, outputs_all
 
     # -- outputs ---------------------------------------------------------------------------
     def _dead(self, out: list, value: bytes, reason: str, detail: str, pos: int, now: float, publish_from: int) -> None:

@@ -173,3 +173,25 @@ def test_make_step_matches_river_verbs():
         p, proba = step(x, y)
         assert (p, proba) == (ref.predict_one(x), ref.predict_proba_one(x))
         ref.learn_one(x, y)
+
+
+def test_concept_events_name_the_record_that_raised_them_among_unlabelled_ones():
+    """The alert policy's error stream skips records without a target; each event names the
+    record at which a detector fed one record at a time raises it."""
+    from worker.monitoring.drift import ConceptDrift
+
+    spec = {"drift.ADWIN": {"delta": 0.002}}
+    shard = engine(monitor={"drift": concept_drift(spec)}, model={"pipeline": [{"naive_bayes.GaussianNB": {}}]}).shard("s0")
+    labels = {i: (i % 2 == 0) != (i >= 1500 and i < 2600) for i in range(4000) if i % 3}  # every third has none
+    recs = [orjson.dumps({"id": f"r{i}", "x": {"a": float(i % 2)}, **({"y": labels[i]} if i in labels else {})})
+            for i in range(4000)]
+    events, predictions = [], []
+    for i in range(0, 4000, 500):
+        out = shard.process(recs[i:i + 500], list(range(i, i + 500)), now=0.0)
+        events += [e for e in map(orjson.loads, (v for _, v in out.drift)) if e.get("signal") == "concept"]
+        predictions += [orjson.loads(v) for _, v in out.predictions]
+    reference = ConceptDrift(spec)
+    expected = [(p["id"], p["position"]) for p in predictions
+                if p["position"] in labels and reference.observe(labels[p["position"]], p["prediction"], False)]
+    assert expected, "the label flip raised no alarm"
+    assert [(e["record_id"], e["position"]) for e in events] == expected

@@ -39,6 +39,7 @@ import itertools
 import math
 import operator
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -81,12 +82,14 @@ class ConceptDrift:
         det.update(error)
         self._sum += error
         self._n += 1
-        if not det.drift_detected:
-            return False
+        return det.drift_detected and self._detected()
+
+    def _detected(self) -> bool:
+        """The detector has just detected: note what changed; whether that is an alarm."""
         # mean error since the last detection vs the detector's own estimate after its cut
         before = self._sum / self._n
         self._sum, self._n = 0.0, 0
-        after = getattr(det, "estimation", None)
+        after = getattr(self.detector, "estimation", None)
         self.last_before, self.last_after = before, after
         self.last_direction = "unknown" if after is None else ("degradation" if after > before else "improvement")
         return not (self.degradation_only and self.last_direction == "improvement")
@@ -103,6 +106,35 @@ class ConceptDrift:
         else:
             err = 0.0 if prediction == y else 1.0
         return self.update(err)
+
+    def observe_many(self, ys: list, predictions: list, regression: bool,
+                     record: Callable[[int], tuple]) -> list[tuple[int, dict[str, Any]]]:
+        """:meth:`observe` over many labelled records, in order: ``(index, event)`` of each alarm.
+        ``record(index)`` gives that record's ``(id, _, _, _, _, position, ...)`` (asked at alarms only).
+
+        >>> c = ConceptDrift({"drift.ADWIN": {}})
+        >>> records = [(f"r{i}", None, None, 1, None, i) for i in range(2000)]
+        >>> [(i, e["record_id"], e["direction"]) for i, e in c.observe_many(
+        ...     [1] * 2000, [1] * 1000 + [0] * 1000, False, records.__getitem__)]
+        [(1023, 'r1023', 'degradation')]
+        """
+        det = self.detector
+        update = det.update
+        alarms = []
+        for i, (y, prediction) in enumerate(zip(ys, predictions)):
+            if regression:
+                err = abs(y - prediction) if prediction is not None else abs(y)
+                if err - err != 0:
+                    continue
+            else:
+                err = 0.0 if prediction == y else 1.0
+            update(err)
+            self._sum += err
+            self._n += 1
+            if det.drift_detected and self._detected():
+                r = record(i)
+                alarms.append((i, self.event(r[0], r[5])))
+        return alarms
 
     def event(self, record_id: Any, position: int) -> dict[str, Any]:
         return {
