@@ -11,7 +11,7 @@ Sections (``--only`` takes any of them, comma-separated or repeated):
   limit: the learner stage and the whole file worker, and the predictions it changes;
 - ``kafka``: on each broker, hand-written confluent-kafka loops (at-least-once,
   transactional), Quix Streams (at-least-once, exactly-once) and this worker (at-least-once,
-  exactly-once), each against the plain loop measured right before it (``bench.contenders``);
+  exactly-once), each against the plain loop measured right before and after it (``bench.contenders``);
 - ``latency``: record-to-prediction p50/p99 at half the worker's maximum rate, measured with
   the load generator and the reader on the same cores (and at 1,000 records/s: the floor);
 - ``scaling``: 1 vs 2 workers on a 4-partition topic, with the learner in its own process

@@ -1,11 +1,15 @@
-"""The Kafka contenders, each against the plain river loop measured right before it.
+"""The Kafka contenders, each against the plain river loop measured right before and right after it.
 
 For each broker, one input topic (1 partition) is filled once with the records; every
 repetition of every contender reads it from the start with a fresh consumer group and
 writes to fresh output topics. A repetition is: the plain loop over the same pre-decoded
-records (in this process), then the contender (in a child process); its ratio is
-``plain seconds / contender seconds``. Contenders are interleaved repetition by repetition,
-so slow phases of a shared machine hit all of them alike.
+records (in this process), the contender (in a child process), the plain loop again; its
+ratio is ``plain seconds / contender seconds`` with the mean of the two plain loops (the
+one after a contender is the one before the next). The plain loop's own speed drifts by up
+to 2x within a run on a shared machine (38k-73k records/s in one suite run): the bracket
+follows the machine's speed during the contender's run better than one measurement before
+it. Contenders are interleaved repetition by repetition, so slow phases of a shared machine
+hit all of them alike.
 """
 
 from __future__ import annotations
@@ -67,18 +71,23 @@ def measure(broker: str, bootstrap: str, consumer_conf: dict, records: list, val
     workdir = Path(tempfile.mkdtemp(prefix="bench-kafka-"))
     topic = h.unique("bench-in")
     h.fill(bootstrap, topic, values)
+    before = None  # seconds of the last plain loop, if it ran right before this contender
     for rep in range(repeat):
         for name in names:
             row = rows[name]
             if row["errors"] and not row["rates"]:
                 continue
-            plain = plain_loop(records)
+            if before is None:
+                before = plain_loop(records)
             try:
                 res = h.run(command(name, bootstrap, topic, n, consumer_conf, workdir), timeout, workdir / f"{name}.log")
             except h.ChildFailed as exc:
                 row["errors"].append(str(exc))
                 log(f"  {broker} {name} #{rep + 1}: FAILED ({exc}; log {workdir / f'{name}.log'})")
+                before = None
                 continue
+            after = plain_loop(records)
+            plain, before = (before + after) / 2, after
             rate = res["records"] / res["seconds"]
             row["rates"].append(rate)
             row["plain_rates"].append(n / plain)

@@ -10,7 +10,8 @@ prediction per record (plus metrics and drift events) and committing every 100 m
 snapshot every 10,000 records. The worker is :func:`bench.worker_kafka.run`, the one the
 suite's contenders run; its time runs from its first consumed batch to the return of its
 last commit that moved a position (group joins are not counted).
-Ratios are plain / worker; the median over the repetitions is reported. ``--in-flight 1,2``
+Ratios are plain / worker, the plain loop timed right before and right after each worker run
+(the mean of the two; see :mod:`bench.contenders`); the median over the repetitions is reported. ``--in-flight 1,2``
 runs the worker with each of those ``limits.polls_in_flight`` in turn, in every repetition
 (an A/B in one run).
 
@@ -96,10 +97,12 @@ def main() -> None:
         topic = f"bench-in-{uuid.uuid4().hex[:8]}"
         create_topics(bootstrap, [topic], partitions=1)
         feed(bootstrap, topic, ({"id": i, "x": x, "y": y} for i, (x, y) in enumerate(records)))
+        before = plain_loop(records)
         for _ in range(args.repeat):
             for name, delivery, depth in runs:
-                p = plain_loop(records)
                 w, rows = worker_run(bootstrap, topic, args.records, delivery, workdir, args.batch, roles, depth)
+                after = plain_loop(records)  # (the plain loop around each run: see bench.contenders)
+                p, before = (before + after) / 2, after
                 if rows is not None:
                     print_cpu(name, args.records, w, rows)
                     cpu[name].append(rows)

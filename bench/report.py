@@ -99,8 +99,8 @@ def markdown(results: dict) -> str:
         f"load average at start {' '.join(meta.get('load_at_start', []))}. Python {meta['python']}, river {meta['river']}, "
         f"confluent-kafka {meta['confluent_kafka']}, Quix Streams {meta['quixstreams'] or 'not installed'}.",
         "",
-        "Ratios are taken against the plain river loop measured in the same run (for Kafka, right before each "
-        "repetition), as median (min-max) over the repetitions. Absolute rates move with the machine's load; the "
+        "Ratios are taken against the plain river loop measured in the same run (for Kafka, the mean of the "
+        "plain loops right before and right after each repetition), as median (min-max) over the repetitions. Absolute rates move with the machine's load; the "
         "ratios much less. Kafka timings run from the first record received (after the group join) to the last "
         "commit of outputs and offsets; input topics are filled beforehand.",
     ]
