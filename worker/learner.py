@@ -208,9 +208,11 @@ class Learner:
         step = self._step
         if config.mini_batch > 1:
             done = self._predict_learn_many(xs, ys, frozen)
-            if done is not None:  # the loop below scores and watches what was computed
-                results = iter(done)
-                step = lambda x, y: next(results)  # noqa: E731
+            if done is not None:  # (mini-batches come with no record-level policy: nothing to watch here)
+                version = state.model_version
+                return LearnResult(preds=done[0], extras=done[1], versions=None, version_before=version,
+                                   version=version, errors=None, events=[], changed=False,
+                                   challenger=None, seconds=time.perf_counter() - started)
         score_task = task in ("clustering", "anomaly")
         regression = task == "regression"
         concept = state.concept if config.owns_concept else None
@@ -273,18 +275,20 @@ class Learner:
             seconds=time.perf_counter() - started,
         )
 
-    def _predict_learn_many(self, xs: Sequence[dict], ys: Sequence[Any], frozen: Sequence[bool] | None) -> list | None:
+    def _predict_learn_many(self, xs: Sequence[dict], ys: Sequence[Any], frozen: Sequence[bool] | None) -> tuple | None:
         """Mini-batch mode: each group of ``model.mini_batch`` records is predicted with the model
         as it was before the group, then learned at once (``predict_*_many`` then ``learn_many``).
 
-        Returns ``(prediction, probabilities)`` per record, or None to go record by record
-        (missing values in the group, or a model that refuses the frame).
+        Returns ``(predictions, probabilities)``, a list of each (probabilities None per record
+        without them), or None to go record by record (missing values in the group, or a model
+        that refuses the frame).
         """
         import pandas as pd
 
         model = self.state.model
-        classification = self.config.task == "classification"
-        results: list = []
+        proba = self.config.task == "classification" and self.config.with_proba
+        preds: list = []
+        extras: list = []
         size = self.config.mini_batch
         for start in range(0, len(xs), size):
             X = _frame(xs[start : start + size])
@@ -292,17 +296,23 @@ class Learner:
                 return None
             learn = [i for i in range(len(X)) if ys[start + i] is not None and not (frozen and frozen[start + i])]
             try:
-                if classification and self.config.with_proba:
+                if proba:
                     P = model.predict_proba_many(X)
                     labels = P.columns.tolist()
                     values = P.to_numpy()
-                    rows = values.tolist()
-                    if labels:  # the arg-max, first of equals, as predict_one takes it
-                        results += [(labels[j], dict(zip(labels, row))) for j, row in zip(values.argmax(axis=1).tolist(), rows)]
-                    else:
-                        results += [(None, {}) for _ in rows]
+                    if not labels:  # nothing learned yet
+                        preds += [None] * len(values)
+                        extras += [{} for _ in range(len(values))]
+                    else:  # the arg-max, first of equals, as predict_one takes it
+                        preds += [labels[j] for j in values.argmax(axis=1).tolist()]
+                        if len(labels) == 2:  # two literal keys: about half the cost of dict(zip(...))
+                            a, b = labels
+                            extras += [{a: p, b: q} for p, q in values.tolist()]
+                        else:
+                            extras += [dict(zip(labels, row)) for row in values.tolist()]
                 else:
-                    results += [(p, None) for p in model.predict_many(X).tolist()]
+                    preds += model.predict_many(X).tolist()
+                    extras += [None] * len(X)
                 if learn:
                     model.learn_many(X.iloc[learn], pd.Series([ys[start + i] for i in learn], index=X.index[learn]))
             except (TypeError, ValueError, KeyError) as exc:
@@ -310,7 +320,7 @@ class Learner:
                     log.warning("mini-batch refused, going record by record", extra={"error": repr(exc)})
                     return None
                 raise
-        return results
+        return preds, extras
 
     # -- policies --------------------------------------------------------------------------
     def _new_model(self) -> None:
