@@ -136,6 +136,7 @@ def versions() -> dict:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command line, not a caller of main()
         pin_hash_seed("bench")
+        harness.interruptible()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few records, one repetition (a smoke run)")

@@ -125,6 +125,9 @@ def finish(proc: subprocess.Popen, timeout: float) -> dict:
     except subprocess.TimeoutExpired:
         stop(proc)
         raise ChildFailed(f"{' '.join(proc.args[:3])} ran over {timeout:.0f}s") from None
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM: see interruptible): the child goes too
+        stop(proc)
+        raise
     lines = [ln for ln in out.decode().splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise ChildFailed(f"{' '.join(proc.args[:3])} exited {proc.returncode} without a result")
@@ -153,6 +156,17 @@ def result(records: int, first: float | None, end: float | None, **extra: object
     """Print a child's result line (wall-clock ``first`` and ``end``, so processes can be compared)."""
     seconds = (end - first) if first is not None and end is not None else None
     print(json.dumps({"records": records, "seconds": seconds, "first": first, "end": end, **extra}), flush=True)
+
+
+def interruptible() -> None:
+    """SIGTERM unwinds the suite as Ctrl-C does (KeyboardInterrupt), so that every ``finally``
+    runs: the children (in their own sessions, out of reach of the terminal's signals) and the
+    brokers are stopped by pid instead of being left running."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 class Deadline:

@@ -35,7 +35,7 @@ from pathlib import Path
 from bench import worker_kafka
 from bench.common import agrawal, pin_hash_seed, plain_loop
 from bench.cpu import CpuSampler
-from bench.harness import outputs
+from bench.harness import interruptible, outputs
 from worker.embedded import CONSUMER_OVERRIDES, EmbeddedBroker
 from worker.feeder import feed
 from worker.transports.kafka import create_topics
@@ -72,6 +72,7 @@ def print_cpu(label: str, n: int, wall: float, rows: list[dict]) -> None:
 
 def main() -> None:
     pin_hash_seed("bench.kafka")
+    interruptible()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=30_000)
     parser.add_argument("--repeat", type=int, default=3)

@@ -45,3 +45,29 @@ def test_quick_run_writes_every_result(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "## Goals (issue 6)" in table and "exactly-once >= 0.85" in table and "## Mini-batch mode" in table
     assert (tmp_path / "throughput.png").stat().st_size > 10_000
+
+
+def test_an_interrupted_wait_stops_the_child():
+    """SIGTERM (turned into KeyboardInterrupt by harness.interruptible) while the suite waits
+    for a child: the child, in its own session, is stopped too, not left running."""
+    import signal
+
+    from bench import harness
+
+    child = harness.start([sys.executable, "-c", "import time; time.sleep(60)"])
+    previous = signal.getsignal(signal.SIGTERM)
+    harness.interruptible()
+    alarm = signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            harness.finish(child, timeout=30)
+        stopped = child.poll() is not None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, alarm)
+        signal.signal(signal.SIGTERM, previous)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert stopped, "the child outlived the interrupted wait"
