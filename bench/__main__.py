@@ -16,7 +16,9 @@ Sections (``--only`` takes any of them, comma-separated or repeated):
   the load generator and the reader on the same cores (and at 1,000 records/s: the floor);
 - ``scaling``: 1 vs 2 workers on a 4-partition topic, with the learner in its own process
   (the default) and inline (first broker only);
-- ``width``: throughput and RSS against record width, 10 -> 1,000 features.
+- ``width``: throughput and RSS against record width, 10 -> 1,000 features;
+- ``model_size``: throughput, RSS and snapshot cost against model size (HalfSpaceTrees of
+  height 6, 9, 12: 10 x 127 to 10 x 8,191 nodes).
 
 Writes ``bench/results/results.md``, ``results.json`` and ``throughput.png`` (``--out``).
 Headline figures are ratios measured in the same run: the median of ``--repeat``
@@ -36,12 +38,13 @@ import time
 from pathlib import Path
 
 from bench import contenders, harness, latency, minibatch, scaling
+from bench import model_size as model_size_bench
 from bench.common import FAMILIES, REFERENCE_PIPELINE, agrawal, pin_hash_seed, plain_loop, summary, write_jsonl
 from bench.file_transport import worker_run
 from bench.report import write_all
 from bench.width import write_data
 
-SECTIONS = ("limit", "file", "minibatch", "kafka", "latency", "scaling", "width")
+SECTIONS = ("limit", "file", "minibatch", "kafka", "latency", "scaling", "width", "model_size")
 #: KNN and ARF run ~1,000 records/s: they get fewer records than the others (rates are per record).
 SLOW_FAMILIES = {"KNNClassifier", "ARFClassifier"}
 #: The latency floor is taken at this rate (records/s), besides half the worker's maximum.
@@ -81,23 +84,50 @@ def file_worker(records: list, repeat: int) -> dict:
             "rates": rates, "plain_rates": plain_rates, "ratios": ratios, "errors": []}
 
 
+def _growth(cmd: list[str], repeat: int) -> dict:
+    """Each contender (``cmd --contender plain|file``) at one point of a cost-growth axis:
+    ``repeat`` children each, rates, peak RSS and the largest of every other figure they report."""
+    row: dict = {}
+    for contender in ("plain", "file"):
+        runs = [harness.run([*cmd, "--contender", contender], 300) for _ in range(repeat)]
+        rates = [r["records"] / r["seconds"] for r in runs]
+        row[contender] = {"rates": rates, "rate": summary(rates), "rss_mb": max(r["rss_mb"] for r in runs),
+                          **{k: max(r[k] for r in runs) for k in runs[0] if k not in harness.RESULT_KEYS | {"rss_mb"}
+                             and runs[0][k] is not None}}
+    row["ratio"] = row["file"]["rate"]["median"] / row["plain"]["rate"]["median"]
+    return row
+
+
 def width(widths: list[int], records: int, repeat: int) -> list[dict]:
     rows = []
     workdir = Path(tempfile.mkdtemp(prefix="bench-width-"))
     for features in widths:
         n = min(records, max(500, 1_000_000 // features))
         data = write_data(workdir / f"w{features}.jsonl", n, features)
-        row: dict = {"features": features, "records": n}
-        for contender in ("plain", "file"):
-            cmd = harness.python_cmd("bench.width", "--features", str(features), "--records", str(n),
-                                     "--contender", contender, "--data", str(data))
-            runs = [harness.run(cmd, 300) for _ in range(repeat)]
-            rates = [r["records"] / r["seconds"] for r in runs]
-            row[contender] = {"rates": rates, "rate": summary(rates), "rss_mb": max(r["rss_mb"] for r in runs)}
-        row["ratio"] = row["file"]["rate"]["median"] / row["plain"]["rate"]["median"]
+        cmd = harness.python_cmd("bench.width", "--features", str(features), "--records", str(n), "--data", str(data))
+        row = {"features": features, "records": n, **_growth(cmd, repeat)}
         log(f"  {features} features: plain {row['plain']['rate']['median']:,.0f} rec/s, "
             f"file worker {row['file']['rate']['median']:,.0f} rec/s ({row['ratio']:.2f}), "
-            f"RSS {row['plain']['rss_mb']:.0f} / {row['file']['rss_mb']:.0f} MB")
+            f"RSS {row['plain']['rss_mb']:.0f} / {row['file']['rss_mb']:.0f} MB "
+            f"(+ learner {row['file'].get('learner_peak_mb', 0):.0f} MB)")
+        rows.append(row)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return rows
+
+
+def model_size(heights: list[int], records: int, repeat: int) -> list[dict]:
+    rows = []
+    workdir = Path(tempfile.mkdtemp(prefix="bench-model-size-"))
+    data = write_jsonl(agrawal(records), workdir / "events.jsonl")
+    for height in heights:
+        cmd = harness.python_cmd("bench.model_size", "--height", str(height), "--records", str(records),
+                                 "--data", str(data))
+        row = {"height": height, "records": records, **_growth(cmd, repeat)}
+        log(f"  height {height}: plain {row['plain']['rate']['median']:,.0f} rec/s, "
+            f"file worker {row['file']['rate']['median']:,.0f} rec/s ({row['ratio']:.2f}), model pickle "
+            f"{row['plain']['model_bytes'] / 1e6:.2f} MB (write {row['plain']['dump_ms']:.0f} ms, "
+            f"read {row['plain']['load_ms']:.0f} ms), RSS {row['plain']['rss_mb']:.0f} / "
+            f"{row['file']['rss_mb']:.0f} + {row['file'].get('learner_peak_mb', 0):.0f} MB")
         rows.append(row)
     shutil.rmtree(workdir, ignore_errors=True)
     return rows
@@ -197,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         log("== cost growth with record width")
         widths = [10, 100] if args.quick else [10, 100, 1000]
         results["width"] = width(widths, n, 1 if args.quick else 2)
+    if "model_size" in only:
+        log("== cost growth with model size")
+        heights = [6, 9] if args.quick else list(model_size_bench.HEIGHTS)
+        results["model_size"] = model_size(heights, min(n, 20_000), 1 if args.quick else 2)
     results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
     paths = write_all(results, args.out)
     log(f"== done in {results['meta']['duration_s']:.0f} s: " + ", ".join(str(p) for p in paths))

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 from river import datasets
@@ -56,10 +57,22 @@ def write_jsonl(records: list[tuple[dict, int]], path: Path) -> Path:
     return path
 
 
-def plain_loop(records: list[tuple[dict, int]], pipeline: list[dict] = REFERENCE_PIPELINE, task: str = "classification") -> float:
-    """The ceiling: ``predict_one`` then ``learn_one`` over pre-decoded records. Returns seconds."""
-    model = build_model(ModelSettings(task=task, pipeline=pipeline))
-    predict, learn = model.predict_one, model.learn_one
+def plain_loop(records: list[tuple[dict, int]], pipeline: list[dict] = REFERENCE_PIPELINE, task: str = "classification",
+               model: Any = None) -> float:
+    """The ceiling: ``predict_one`` then ``learn_one`` over pre-decoded records (``score_one``
+    then ``learn_one(x)`` for anomaly detection, ``learn_one(x)`` for clustering). Returns seconds.
+    ``model``: learn this one (built from ``pipeline`` and ``task``) instead of a fresh one."""
+    if model is None:
+        model = build_model(ModelSettings(task=task, pipeline=pipeline))
+    learn = model.learn_one
+    if task in ("anomaly", "clustering"):
+        predict = model.score_one if task == "anomaly" else model.predict_one
+        started = time.perf_counter()
+        for x, _ in records:
+            predict(x)
+            learn(x)
+        return time.perf_counter() - started
+    predict = model.predict_one
     started = time.perf_counter()
     for x, y in records:
         predict(x)

@@ -12,6 +12,7 @@ time runs from the moment its learner process is up to the end of its final chec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 from bench.common import REFERENCE_PIPELINE, agrawal, pin_hash_seed, plain_loop, summary, write_jsonl
+from bench.memory import PeakSampler
 from worker.checkpoint import FileStore
 from worker.config import load_settings
 from worker.learning import Engine
@@ -27,9 +29,10 @@ from worker.transports.file import FileSink, FileSource
 
 
 def worker_run(data: Path, workdir: Path, checkpoints: bool = True, model: dict | None = None,
-               batch_size: int | None = None) -> float:
+               batch_size: int | None = None, memory: dict | None = None) -> float:
     """Seconds the worker takes over ``data``; ``model``: settings over the reference model's
-    (e.g. ``{"mini_batch": 1000}``), ``batch_size``: ``limits.batch_size``."""
+    (e.g. ``{"mini_batch": 1000}``), ``batch_size``: ``limits.batch_size``. With ``memory`` (a
+    dict), its ``learner_peak_mb`` becomes the learner process's peak resident set."""
     out = workdir / "out"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(workdir / "state", ignore_errors=True)
@@ -53,9 +56,14 @@ def worker_run(data: Path, workdir: Path, checkpoints: bool = True, model: dict 
         FileStore(workdir / "state") if checkpoints else None,
     )
     runtime.learners.ready()  # the learner process's start-up (about 0.4 s) is not throughput
-    started = time.perf_counter()
-    runtime.run()
-    return time.perf_counter() - started
+    pid = getattr(runtime.learners, "pid", None)  # (None: the learners run inline)
+    with PeakSampler(lambda: pid) if memory is not None else contextlib.nullcontext() as sampler:
+        started = time.perf_counter()
+        runtime.run()
+        seconds = time.perf_counter() - started
+    if memory is not None:
+        memory["learner_peak_mb"] = sampler.peak_mb
+    return seconds
 
 
 def main() -> None:

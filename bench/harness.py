@@ -152,6 +152,10 @@ def stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
         proc.wait(grace)
 
 
+#: The keys of every child's result line (see :func:`result`); anything else is the child's own.
+RESULT_KEYS = frozenset({"records", "seconds", "first", "end"})
+
+
 def result(records: int, first: float | None, end: float | None, **extra: object) -> None:
     """Print a child's result line (wall-clock ``first`` and ``end``, so processes can be compared)."""
     seconds = (end - first) if first is not None and end is not None else None

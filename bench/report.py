@@ -165,13 +165,27 @@ def markdown(results: dict) -> str:
                          f"{r['accuracy']:.4f} | {r['labels_differ']:.2%} |")
     if results.get("width"):
         lines += ["", "## Cost growth with record width (StandardScaler | LogisticRegression, file worker vs plain loop)", "",
-                  "Plain-loop RSS excludes the pre-decoded records it holds; the worker's is its whole peak RSS.", "",
+                  "Plain-loop RSS excludes the pre-decoded records it holds; the worker's is the peak RSS of its main "
+                  "process + that of its learner process (RSS counts the shared libraries, ~150 MB of it here, in each).", "",
                   "| features | records | plain records/s | worker records/s | ratio | plain RSS MB | worker RSS MB |",
                   "|---:|---:|---:|---:|---:|---:|---:|"]
         for r in results["width"]:
             lines.append(f"| {r['features']:,} | {r['records']:,} | {_spread(r['plain']['rates'], '{:,.0f}')} | "
                          f"{_spread(r['file']['rates'], '{:,.0f}')} | {r['ratio']:.2f} | {r['plain']['rss_mb']:.0f} | "
-                         f"{r['file']['rss_mb']:.0f} |")
+                         f"{_worker_rss(r['file'])} |")
+    if results.get("model_size"):
+        lines += ["", "## Cost growth with model size (MinMaxScaler | HalfSpaceTrees, 10 trees, file worker vs plain loop)", "",
+                  "The model's state grows as 2^height, its work per record with the height. Pickle: the plain loop's "
+                  "model at the end, written and read back once (a snapshot and a restore of the model); snapshot: the "
+                  "worker's last one on disk (model and monitors). The worker snapshots every 10,000 records.", "",
+                  "| height | records | plain records/s | worker records/s | ratio | pickle MB | write ms | read ms | "
+                  "snapshot MB | plain RSS MB | worker RSS MB |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in results["model_size"]:
+            p, f = r["plain"], r["file"]
+            snapshot = f"{f['snapshot_bytes'] / 1e6:.2f}" if f.get("snapshot_bytes") else "-"
+            lines.append(f"| {r['height']} | {r['records']:,} | {_spread(p['rates'], '{:,.0f}')} | "
+                         f"{_spread(f['rates'], '{:,.0f}')} | {r['ratio']:.2f} | {p['model_bytes'] / 1e6:.2f} | "
+                         f"{p['dump_ms']:.0f} | {p['load_ms']:.0f} | {snapshot} | {p['rss_mb']:.0f} | {_worker_rss(f)} |")
     lines += ["", "## Notes", "",
               "- The machine is shared: other work may have been running during this run (see the load average above); "
               "ratios are taken repetition by repetition to cancel most of it.",
@@ -188,6 +202,11 @@ def markdown(results: dict) -> str:
         met = "-" if g["met"] is None else ("yes" if g["met"] else "**no**")
         lines.append(f"| {g['goal']} | {g['measured'] or '-'} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def _worker_rss(row: dict) -> str:
+    learner = row.get("learner_peak_mb")
+    return f"{row['rss_mb']:.0f}" + (f" + {learner:.0f}" if learner else "")
 
 
 def plot(results: dict, path: Path) -> None:

@@ -9,21 +9,23 @@ measurement runs in a child process of its own so its peak RSS is its own:
 
 - ``plain``: the plain loop over pre-decoded dicts. Its RSS is reported without the records
   themselves (peak RSS minus what building the list of records added);
-- ``file``: the worker on the file transport over ``--data`` (written beforehand by the caller) (``bench.file_transport.worker_run``: decoding,
-  validation, drift watch over at most 200 features, metrics, snapshots every 10,000 records).
+- ``file``: the worker on the file transport over ``--data`` (written beforehand by the caller)
+  (``bench.file_transport.worker_run``: decoding, validation, drift watch over at most 200
+  features, metrics, snapshots every 10,000 records). Its RSS is the main process's peak;
+  ``learner_peak_mb`` is the learner process's, where the model lives.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 from bench.common import plain_loop, write_jsonl
 from bench.harness import result
+from bench.memory import peak_mb, rss_mb
 
 
 def wide(n: int, width: int, seed: int = 7) -> list[tuple[dict, int]]:
@@ -41,20 +43,6 @@ def write_data(path: Path, n: int, width: int) -> Path:
     return write_jsonl(wide(n, width), path)
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def _peak_mb() -> float:
-    """VmHWM: this process's own peak (``ru_maxrss`` would keep the parent's peak across exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--features", type=int, required=True)
@@ -62,19 +50,20 @@ def main() -> None:
     parser.add_argument("--contender", choices=["plain", "file"], required=True)
     parser.add_argument("--data", type=Path, help="file: the JSON Lines records (see write_data)")
     args = parser.parse_args()
+    memory: dict = {}
     if args.contender == "plain":
-        before = _rss_mb()
+        before = rss_mb()
         records = wide(args.records, args.features)
-        data_mb = _rss_mb() - before
+        data_mb = rss_mb() - before
         seconds = plain_loop(records)
-        rss = _peak_mb() - data_mb
+        rss = peak_mb() - data_mb
     else:
         from bench.file_transport import worker_run
 
-        seconds = worker_run(args.data, Path(tempfile.mkdtemp(prefix="bench-width-")))
-        rss = _peak_mb()
+        seconds = worker_run(args.data, Path(tempfile.mkdtemp(prefix="bench-width-")), memory=memory)
+        rss = peak_mb()
     now = time.time()
-    result(args.records, now - seconds, now, rss_mb=rss)
+    result(args.records, now - seconds, now, rss_mb=rss, **memory)
 
 
 if __name__ == "__main__":

@@ -40,10 +40,16 @@ def test_quick_run_writes_every_result(tmp_path):
     assert [r["learner"] for r in results["scaling"]] == ["process", "inline"]
     assert all(r["one"] and r["two"] for r in results["scaling"])
     assert [w["features"] for w in results["width"]] == [10, 100]
+    assert all(w["file"]["learner_peak_mb"] > 50 for w in results["width"])  # the learner process, sampled
+    assert [r["height"] for r in results["model_size"]] == [6, 9]
+    sizes = [r["plain"]["model_bytes"] for r in results["model_size"]]
+    assert sizes[1] > 4 * sizes[0], sizes  # 8x the nodes
+    assert all(r["file"]["snapshot_bytes"] > r["plain"]["model_bytes"] for r in results["model_size"])
     assert [r["mini_batch"] for r in results["minibatch"]["rows"]] == [0, 1000]
     assert all(r["learner_ratios"] and r["worker_ratios"] for r in results["minibatch"]["rows"])
     table = (tmp_path / "results.md").read_text()
     assert "## Goals (issue 6)" in table and "exactly-once >= 0.85" in table and "## Mini-batch mode" in table
+    assert "## Cost growth with model size" in table
     assert (tmp_path / "throughput.png").stat().st_size > 10_000
 
 

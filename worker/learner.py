@@ -502,6 +502,11 @@ class ProcessLearners:
         """Submissions whose results were not collected yet."""
         return self._outstanding
 
+    @property
+    def pid(self) -> int | None:
+        """The learner process's id (None before it started)."""
+        return self._proc.pid
+
     def _send(self, message: tuple) -> None:
         self._send_bytes(b"P" + pickle.dumps(message, protocol=5))
 
