@@ -77,3 +77,12 @@ def test_an_interrupted_wait_stops_the_child():
             child.kill()
             child.wait()
     assert stopped, "the child outlived the interrupted wait"
+
+
+def test_half_load_is_taken_from_the_saturated_runs():
+    from bench.__main__ import capacity
+
+    assert capacity([(60_000, 26_000), (31_200, 17_200)]) == 21_600  # both short of the offer: their mean
+    assert capacity([(60_000, 20_000), (24_000, 23_900)]) == 23_900  # the offer taken: at least that
+    assert capacity([(60_000, 30_000), (36_000, 20_000)]) == 25_000
+    assert capacity([(10_000, 9_990)]) == 9_990
