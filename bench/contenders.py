@@ -14,6 +14,7 @@ hit all of them alike.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -93,4 +94,6 @@ def measure(broker: str, bootstrap: str, consumer_conf: dict, records: list, val
             row["plain_rates"].append(n / plain)
             row["ratios"].append(rate / (n / plain))
             log(f"  {broker} {name} #{rep + 1}: {rate:,.0f} rec/s = {row['ratios'][-1]:.2f} of the plain loop")
+    if not any(row["errors"] for row in rows.values()):  # (else kept: the failures' logs are there)
+        shutil.rmtree(workdir, ignore_errors=True)
     return list(rows.values())

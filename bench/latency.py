@@ -19,6 +19,7 @@ and the reader on the same cores, which is what "half load" is taken from.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import threading
 import time
@@ -172,6 +173,7 @@ def measure(bootstrap: str, consumer_conf: dict, delivery: str, rate: float, sec
         consumer.close()
     finally:
         h.stop(worker, grace=15)
+    shutil.rmtree(workdir, ignore_errors=True)  # (kept when the measurement failed: the log is there)
     latencies.sort()
     transit.sort()
     return {

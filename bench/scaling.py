@@ -16,6 +16,7 @@ the second core the second worker gets, not how the worker scales on a larger ma
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -66,6 +67,7 @@ def measure(bootstrap: str, consumer_conf: dict, values: list[bytes], processes:
     finally:
         for p in procs:
             h.stop(p)
+    shutil.rmtree(workdir, ignore_errors=True)  # (kept when the run failed: the logs are there)
     records = sum(r["records"] for r in results)
     seconds = max(r["end"] for r in results) - min(r["first"] for r in results if r["first"] is not None)
     return {"processes": processes, "learner": learner, "records": records, "seconds": seconds, "rate": records / seconds,

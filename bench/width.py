@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -60,7 +61,11 @@ def main() -> None:
     else:
         from bench.file_transport import worker_run
 
-        seconds = worker_run(args.data, Path(tempfile.mkdtemp(prefix="bench-width-")), memory=memory)
+        workdir = Path(tempfile.mkdtemp(prefix="bench-width-"))
+        try:
+            seconds = worker_run(args.data, workdir, memory=memory)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
         rss = peak_mb()
     now = time.time()
     result(args.records, now - seconds, now, rss_mb=rss, **memory)
