@@ -18,7 +18,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-TELEMETRY = ROOT / "worker" / "monitoring" / "telemetry.py"
 PROMQL_FUNCS = {
     "sum", "rate", "increase", "histogram_quantile", "clamp_min", "time", "by", "up",
     "avg", "max", "min", "count", "irate", "le", "on", "ignoring", "without",
@@ -26,23 +25,27 @@ PROMQL_FUNCS = {
 
 
 def exported_names() -> set[str]:
-    """Every series name the worker exports, parsed from the telemetry module's source."""
-    src = TELEMETRY.read_text()
+    """Every series name the worker exports: from the families of a fresh Telemetry's
+    registry (labelled metrics with no series yet included), as Prometheus names them."""
+    from worker.monitoring.telemetry import Telemetry
+
     names: set[str] = set()
-    for kind, name in re.findall(r"\b(Counter|Gauge|Histogram|Summary|Info)\(\s*\"(worker_[a-z0-9_]+)\"", src):
-        if kind == "Counter":
-            names |= {f"{name}_total", f"{name}_created"}
-        elif kind in ("Histogram", "Summary"):
-            names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count", f"{name}_created"}
-        elif kind == "Info":
-            names.add(f"{name}_info")
+    for fam in Telemetry().registry.collect():
+        if fam.type == "counter":
+            names |= {f"{fam.name}_total", f"{fam.name}_created"}
+        elif fam.type in ("histogram", "summary"):
+            names |= {f"{fam.name}_bucket", f"{fam.name}_sum", f"{fam.name}_count", f"{fam.name}_created"}
+        elif fam.type == "info":
+            names.add(f"{fam.name}_info")
         else:
-            names.add(name)
+            names.add(fam.name)
+    # the learner process's (present once it runs: see Telemetry.learner_pid)
+    names |= {n.replace("process_", "worker_learner_process_", 1) for n in names if n.startswith("process_")}
     return names
 
 
 def used_names(expr: str) -> set[str]:
-    return set(re.findall(r"\bworker_[a-z0-9_]+\b", expr))
+    return set(re.findall(r"\b(?:worker|process)_[a-z0-9_]+\b", expr))
 
 
 def promtool() -> str:
@@ -98,6 +101,18 @@ def test_dashboard_uses_only_exported_metrics():
         assert not unknown, f"dashboard query {expr!r} uses unknown metrics {unknown}"
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_dashboard_queries_parse(tmp_path):
+    """Every dashboard query is valid PromQL: promtool checks them as recording rules."""
+    tool = promtool()
+    dash = json.loads((DEPLOY / "grafana" / "dashboards" / "worker.json").read_text())
+    rules = [{"record": f"dashboard:panel{p['id']}:{t['refId']}", "expr": t["expr"]}
+             for p in dash["panels"] for t in p.get("targets", [])]
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    r = subprocess.run([tool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_grafana_provisioning():

@@ -73,6 +73,7 @@ class Runtime:
     ):
         self.engine = engine
         self.learners = learners if learners is not None else open_learners(engine.settings)
+        engine.telemetry.learner_pid = getattr(self.learners, "pid", None)  # (its CPU and memory in /metrics)
         # Polls submitted to the learners, not published, oldest first: (begun batches, with a dump)
         self._inflight: deque[tuple[list[tuple[Shard, Pending]], bool]] = deque()
         self._depth = engine.settings.limits.polls_in_flight
@@ -201,11 +202,13 @@ class Runtime:
         tel = self.engine.telemetry
         started = time.perf_counter()
         try:
-            self.store.save(name, make())
+            blob = make()
+            self.store.save(name, blob)
         except Exception:
             tel.checkpoints.labels(outcome="error").inc()
             raise
         tel.checkpoints.labels(outcome="ok").inc()
+        tel.snapshot_bytes.labels(shard=name).set(len(blob))
         tel.checkpoint_seconds.observe(time.perf_counter() - started)
         tel.last_checkpoint.labels(shard=name).set(time.time())
 

@@ -86,7 +86,11 @@ def run_worker(tmp_path, tag: str, s, data, learners=None) -> tuple[dict, Record
     paths = {k: str(out / f"{k}.jsonl") for k in ("predictions", "drift", "metrics", "dead_letter")}
     store = Recording(out / "state")
     engine = Engine(s)
-    Runtime(engine, FileSource(str(data)), FileSink(paths), store, learners=learners).run()
+    runtime = Runtime(engine, FileSource(str(data)), FileSink(paths), store, learners=learners)
+    assert engine.telemetry.learner_pid == getattr(runtime.learners, "pid", None)  # (None inline)
+    runtime.run()
+    (shard,) = runtime.shards  # its last snapshot's size, as written
+    assert engine.telemetry.registry.get_sample_value("worker_snapshot_bytes", {"shard": shard}) == len(store.saved[-1])
     outputs = {}
     for kind, p in paths.items():
         rows = [orjson.loads(line) for line in open(p, "rb")]

@@ -16,7 +16,16 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
 
 import worker
 
@@ -72,6 +81,9 @@ class Telemetry:
             "worker_last_checkpoint_timestamp_seconds", "When the shard's last snapshot was written.",
             ["shard"], registry=r,
         )
+        self.snapshot_bytes = Gauge(
+            "worker_snapshot_bytes", "Size of the shard's last snapshot (header included).", ["shard"], registry=r
+        )
         self.model_version = Gauge("worker_model_version", "Version of the shard's model.", ["shard"], registry=r)
         self.position = Gauge(
             "worker_shard_position", "Next source position of the shard (line or offset).", ["shard"], registry=r
@@ -97,6 +109,12 @@ class Telemetry:
             "worker_kafka_errors", "Kafka client errors reported by librdkafka, by code name.", ["error"], registry=r
         )
         self.info = Info("worker_build", "Worker and library versions.", registry=r)
+        # CPU, memory, file descriptors (Linux /proc; nothing elsewhere): process_* of this
+        # process, worker_learner_process_* of the learner process, where the models live
+        # (none with learner: inline, or before it started).
+        self.learner_pid: int | None = None
+        ProcessCollector(registry=r)
+        ProcessCollector(namespace="worker_learner", pid=lambda: self.learner_pid or "-", registry=r)
         import river
 
         self.info.info({"version": worker.__version__, "river": river.__version__})
@@ -115,7 +133,7 @@ class Telemetry:
 
     def forget_shard(self, shard: str) -> None:
         """Drop a shard's labelled series when it is revoked (keeps label sets bounded)."""
-        for metric in (self.model_version, self.position, self.last_checkpoint, self.kafka_lag):
+        for metric in (self.model_version, self.position, self.last_checkpoint, self.snapshot_bytes, self.kafka_lag):
             try:
                 metric.remove(shard)
             except KeyError:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -32,8 +35,28 @@ def test_metric_names_follow_conventions():
     names = {m.name for m in Telemetry().registry.collect()}
     assert {"worker_records", "worker_dead_letters", "worker_drift_events", "worker_model_metric",
             "worker_processing_seconds"} <= names
-    assert all(n.startswith("worker_") for n in names)
+    assert all(n.startswith(("worker_", "process_")) for n in names)  # (process_*: the client's standard ones)
     assert not any(n.endswith(("_ms", "_milliseconds")) for n in names)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="the process collectors read Linux's /proc")
+def test_process_metrics_of_the_worker_and_of_its_learner_process():
+    t = Telemetry()
+    rss = "worker_learner_process_resident_memory_bytes"
+    assert t.registry.get_sample_value("process_resident_memory_bytes") > 10 * 2**20
+    assert t.registry.get_sample_value(rss) is None  # no learner process (yet, or learner: inline)
+    child = subprocess.Popen([sys.executable, "-c", "import sys; b = bytearray(64 * 2**20); sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    try:
+        t.learner_pid = child.pid
+        deadline = time.monotonic() + 20
+        while (t.registry.get_sample_value(rss) or 0) < 64 * 2**20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert t.registry.get_sample_value(rss) >= 64 * 2**20  # its memory, not this process's
+        assert t.registry.get_sample_value("worker_learner_process_cpu_seconds_total") >= 0
+    finally:
+        child.communicate(b"", timeout=20)
+    assert t.registry.get_sample_value(rss) is None  # gone with the process
 
 
 def test_forget_shard_drops_its_series():
@@ -41,8 +64,10 @@ def test_forget_shard_drops_its_series():
     t.position.labels(shard="s0").set(5)
     t.model_metric.labels(metric="accuracy", window="rolling", shard="s0").set(0.9)
     t.model_metric.labels(metric="accuracy", window="rolling", shard="s1").set(0.8)
+    t.snapshot_bytes.labels(shard="s0").set(1234)
     t.forget_shard("s0")
     assert t.registry.get_sample_value("worker_shard_position", {"shard": "s0"}) is None
+    assert t.registry.get_sample_value("worker_snapshot_bytes", {"shard": "s0"}) is None
     assert t.registry.get_sample_value("worker_model_metric", {"metric": "accuracy", "window": "rolling", "shard": "s0"}) is None
     assert t.registry.get_sample_value("worker_model_metric", {"metric": "accuracy", "window": "rolling", "shard": "s1"}) == 0.8
 
