@@ -5,9 +5,10 @@
 
 One model at several sizes on the same Agrawal records: ``MinMaxScaler | HalfSpaceTrees``
 (10 trees, anomaly detection) with trees of height ``--height``. Its state grows as
-2^height (10 x 127 nodes at height 6, 10 x 8,191 at height 12), its work per record only
-with the height, so what grows faster than the learning shows up: the snapshots (the worker
-pickles the model every 10,000 records, in its learner process) and the memory. Each
+2^height (10 x 127 nodes at height 6, 10 x 8,191 at height 12), its work per record more
+slowly (a walk down each tree, and a pass over every node once per window of 250 records),
+so what grows with the state shows up: the snapshots (the worker pickles the model every
+10,000 records, in its learner process) and the memory. Each
 measurement runs in a child process of its own, so that its peak RSS is its own:
 
 - ``plain``: ``score_one`` then ``learn_one`` over pre-decoded dicts; RSS without the records

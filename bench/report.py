@@ -175,7 +175,7 @@ def markdown(results: dict) -> str:
                          f"{_worker_rss(r['file'])} |")
     if results.get("model_size"):
         lines += ["", "## Cost growth with model size (MinMaxScaler | HalfSpaceTrees, 10 trees, file worker vs plain loop)", "",
-                  "The model's state grows as 2^height, its work per record with the height. Pickle: the plain loop's "
+                  "The model's state grows as 2^height, its work per record more slowly. Pickle: the plain loop's "
                   "model at the end, written and read back once (a snapshot and a restore of the model); snapshot: the "
                   "worker's last one on disk (model and monitors). The worker snapshots every 10,000 records.", "",
                   "| height | records | plain records/s | worker records/s | ratio | pickle MB | write ms | read ms | "
