@@ -91,9 +91,11 @@ def _growth(cmd: list[str], repeat: int) -> dict:
     for contender in ("plain", "file"):
         runs = [harness.run([*cmd, "--contender", contender], 300) for _ in range(repeat)]
         rates = [r["records"] / r["seconds"] for r in runs]
-        row[contender] = {"rates": rates, "rate": summary(rates), "rss_mb": max(r["rss_mb"] for r in runs),
-                          **{k: max(r[k] for r in runs) for k in runs[0] if k not in harness.RESULT_KEYS | {"rss_mb"}
-                             and runs[0][k] is not None}}
+        row[contender] = {"rates": rates, "rate": summary(rates)}
+        for key in runs[0].keys() - harness.RESULT_KEYS:  # rss_mb, and what else the child measured
+            values = [r[key] for r in runs if r.get(key) is not None]
+            if values:
+                row[contender][key] = max(values)
     row["ratio"] = row["file"]["rate"]["median"] / row["plain"]["rate"]["median"]
     return row
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from bench.common import REFERENCE_PIPELINE, agrawal, pin_hash_seed, plain_loop, summary, write_jsonl
-from bench.memory import PeakSampler
+from bench.memory import PeakSampler, peak_mb
 from worker.checkpoint import FileStore
 from worker.config import load_settings
 from worker.learning import Engine
@@ -56,7 +56,7 @@ def worker_run(data: Path, workdir: Path, checkpoints: bool = True, model: dict 
         FileStore(workdir / "state") if checkpoints else None,
     )
     runtime.learners.ready()  # the learner process's start-up (about 0.4 s) is not throughput
-    pid = getattr(runtime.learners, "pid", None)  # (None: the learners run inline)
+    pid = runtime.learners.pid  # (None: the learners run inline)
     with PeakSampler(lambda: pid) if memory is not None else contextlib.nullcontext() as sampler:
         started = time.perf_counter()
         runtime.run()
@@ -64,6 +64,21 @@ def worker_run(data: Path, workdir: Path, checkpoints: bool = True, model: dict 
     if memory is not None:
         memory["learner_peak_mb"] = sampler.peak_mb
     return seconds
+
+
+def measured_run(data: Path, model: dict | None = None) -> dict:
+    """:func:`worker_run` in a temporary directory of its own (removed after), as a child of
+    the growth benchmarks runs it: ``seconds``, this process's peak RSS (``rss_mb``), the
+    learner process's (``learner_peak_mb``) and the size of the last snapshot written
+    (``snapshot_bytes``)."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench-file-"))
+    memory: dict = {}
+    try:
+        seconds = worker_run(data, workdir, model=model, memory=memory)
+        snapshots = [p.stat().st_size for p in (workdir / "state").rglob("*") if p.is_file()]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {"seconds": seconds, "rss_mb": peak_mb(), "snapshot_bytes": max(snapshots, default=None), **memory}
 
 
 def main() -> None:

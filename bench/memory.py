@@ -10,12 +10,24 @@ from __future__ import annotations
 
 import resource
 import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def rss_mb() -> float:
     """This process's resident set now."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def built(make: Callable[[], T]) -> tuple[T, float]:
+    """``make()`` and the resident memory its result added (MB): what a measurement holds
+    only as its input (e.g. pre-decoded records), to subtract from its peak."""
+    before = rss_mb()
+    value = make()
+    return value, rss_mb() - before
 
 
 def peak_mb(pid: int | str = "self") -> float:

@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from bench.common import agrawal, plain_loop
 from bench.harness import result
-from bench.memory import peak_mb, rss_mb
+from bench.memory import built, peak_mb
 from worker.config import ModelSettings
 from worker.models import build_model
 
@@ -45,9 +43,7 @@ def pipeline(height: int) -> list[dict]:
 
 
 def _plain(height: int, records: int) -> dict:
-    before = rss_mb()
-    data = agrawal(records)
-    data_mb = rss_mb() - before
+    data, data_mb = built(lambda: agrawal(records))
     model = build_model(ModelSettings(task=TASK, pipeline=pipeline(height)))
     seconds = plain_loop(data, task=TASK, model=model)
     rss = peak_mb() - data_mb
@@ -61,19 +57,6 @@ def _plain(height: int, records: int) -> dict:
             "load_ms": 1000 * load_s}
 
 
-def _file(height: int, data: Path) -> dict:
-    from bench.file_transport import worker_run
-
-    workdir = Path(tempfile.mkdtemp(prefix="bench-model-size-"))
-    memory: dict = {}
-    try:
-        seconds = worker_run(data, workdir, model={"task": TASK, "pipeline": pipeline(height)}, memory=memory)
-        snapshots = [p.stat().st_size for p in (workdir / "state").rglob("*") if p.is_file()]
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return {"seconds": seconds, "rss_mb": peak_mb(), "snapshot_bytes": max(snapshots, default=None), **memory}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--height", type=int, required=True)
@@ -81,7 +64,12 @@ def main() -> None:
     parser.add_argument("--contender", choices=["plain", "file"], required=True)
     parser.add_argument("--data", type=Path, help="file: the JSON Lines records (bench.common.write_jsonl of agrawal)")
     args = parser.parse_args()
-    out = _plain(args.height, args.records) if args.contender == "plain" else _file(args.height, args.data)
+    if args.contender == "plain":
+        out = _plain(args.height, args.records)
+    else:
+        from bench.file_transport import measured_run  # (not imported by the plain child: its RSS is its own)
+
+        out = measured_run(args.data, model={"task": TASK, "pipeline": pipeline(args.height)})
     now = time.time()
     result(args.records, now - out.pop("seconds"), now, **out)
 

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from bench.common import plain_loop, write_jsonl
 from bench.harness import result
-from bench.memory import peak_mb, rss_mb
+from bench.memory import built, peak_mb
 
 
 def wide(n: int, width: int, seed: int = 7) -> list[tuple[dict, int]]:
@@ -51,24 +49,16 @@ def main() -> None:
     parser.add_argument("--contender", choices=["plain", "file"], required=True)
     parser.add_argument("--data", type=Path, help="file: the JSON Lines records (see write_data)")
     args = parser.parse_args()
-    memory: dict = {}
     if args.contender == "plain":
-        before = rss_mb()
-        records = wide(args.records, args.features)
-        data_mb = rss_mb() - before
+        records, data_mb = built(lambda: wide(args.records, args.features))
         seconds = plain_loop(records)
-        rss = peak_mb() - data_mb
+        out = {"seconds": seconds, "rss_mb": peak_mb() - data_mb}
     else:
-        from bench.file_transport import worker_run
+        from bench.file_transport import measured_run  # (not imported by the plain child: its RSS is its own)
 
-        workdir = Path(tempfile.mkdtemp(prefix="bench-width-"))
-        try:
-            seconds = worker_run(args.data, workdir, memory=memory)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        rss = peak_mb()
+        out = measured_run(args.data)
     now = time.time()
-    result(args.records, now - seconds, now, rss_mb=rss, **memory)
+    result(args.records, now - out.pop("seconds"), now, **out)
 
 
 if __name__ == "__main__":

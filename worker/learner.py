@@ -402,6 +402,8 @@ class InlineLearners:
     :class:`ProcessLearners` does, so the runtime drives both the same way.
     """
 
+    pid: int | None = None  #: no process of their own (see ProcessLearners.pid)
+
     def __init__(self, config: LearnerConfig):
         self.config = config
         self._learners: dict[str, Learner] = {}

@@ -73,7 +73,7 @@ class Runtime:
     ):
         self.engine = engine
         self.learners = learners if learners is not None else open_learners(engine.settings)
-        engine.telemetry.learner_pid = getattr(self.learners, "pid", None)  # (its CPU and memory in /metrics)
+        engine.telemetry.learner_pid = self.learners.pid  # (its CPU and memory in /metrics)
         # Polls submitted to the learners, not published, oldest first: (begun batches, with a dump)
         self._inflight: deque[tuple[list[tuple[Shard, Pending]], bool]] = deque()
         self._depth = engine.settings.limits.polls_in_flight

@@ -87,7 +87,7 @@ def run_worker(tmp_path, tag: str, s, data, learners=None) -> tuple[dict, Record
     store = Recording(out / "state")
     engine = Engine(s)
     runtime = Runtime(engine, FileSource(str(data)), FileSink(paths), store, learners=learners)
-    assert engine.telemetry.learner_pid == getattr(runtime.learners, "pid", None)  # (None inline)
+    assert engine.telemetry.learner_pid == runtime.learners.pid  # (None inline)
     runtime.run()
     (shard,) = runtime.shards  # its last snapshot's size, as written
     assert engine.telemetry.registry.get_sample_value("worker_snapshot_bytes", {"shard": shard}) == len(store.saved[-1])
