@@ -191,6 +191,7 @@ class Learner:
         self.config = config
         self.state = state
         self._step = config.step(state.model)
+        self._warned: set[str] = set()  # mini-batch fallbacks already logged
 
     def learn(
         self,
@@ -207,12 +208,11 @@ class Learner:
         task = config.task
         step = self._step
         if config.mini_batch > 1:
-            done = self._predict_learn_many(xs, ys, frozen)
-            if done is not None:  # (mini-batches come with no record-level policy: nothing to watch here)
-                version = state.model_version
-                return LearnResult(preds=done[0], extras=done[1], versions=None, version_before=version,
-                                   version=version, errors=None, events=[], changed=False,
-                                   challenger=None, seconds=time.perf_counter() - started)
+            preds, extras, errors = self._predict_learn_many(xs, ys, frozen)
+            version = state.model_version  # (mini-batches come with no record-level policy: nothing to watch here)
+            return LearnResult(preds=preds, extras=extras, versions=None, version_before=version, version=version,
+                               errors=errors, events=[], changed=False, challenger=None,
+                               seconds=time.perf_counter() - started)
         score_task = task in ("clustering", "anomaly")
         regression = task == "regression"
         concept = state.concept if config.owns_concept else None
@@ -275,13 +275,16 @@ class Learner:
             seconds=time.perf_counter() - started,
         )
 
-    def _predict_learn_many(self, xs: Sequence[dict], ys: Sequence[Any], frozen: Sequence[bool] | None) -> tuple | None:
+    def _predict_learn_many(self, xs: Sequence[dict], ys: Sequence[Any], frozen: Sequence[bool] | None) -> tuple:
         """Mini-batch mode: each group of ``model.mini_batch`` records is predicted with the model
         as it was before the group, then learned at once (``predict_*_many`` then ``learn_many``).
 
-        Returns ``(predictions, probabilities)``, a list of each (probabilities None per record
-        without them), or None to go record by record (missing values in the group, or a model
-        that refuses the frame).
+        Returns ``(predictions, probabilities, errors)``: a list each (probabilities None per
+        record without them) and the records the model refused (index -> message) or None.
+        A group that cannot be a frame (missing or non-numeric values, keys that differ) or
+        whose prediction the model refuses goes record by record, as without mini-batches;
+        one whose ``learn_many`` fails is learned record by record after its predictions
+        (the steps before the failing one may then have learned that group once already).
         """
         import pandas as pd
 
@@ -289,38 +292,70 @@ class Learner:
         proba = self.config.task == "classification" and self.config.with_proba
         preds: list = []
         extras: list = []
+        errors: dict[int, str] = {}
         size = self.config.mini_batch
         for start in range(0, len(xs), size):
-            X = _frame(xs[start : start + size])
-            if X is None:
-                return None
-            learn = [i for i in range(len(X)) if ys[start + i] is not None and not (frozen and frozen[start + i])]
+            group = xs[start : start + size]
+            X = _frame(group)
+            learn = [] if X is None else [
+                i for i in range(len(X)) if ys[start + i] is not None and not (frozen and frozen[start + i])]
             try:
+                if X is None:
+                    raise _NotAFrame
                 if proba:
                     P = model.predict_proba_many(X)
                     labels = P.columns.tolist()
                     values = P.to_numpy()
                     if not labels:  # nothing learned yet
-                        preds += [None] * len(values)
-                        extras += [{} for _ in range(len(values))]
+                        group_preds = [None] * len(values)
+                        group_extras = [{} for _ in range(len(values))]
                     else:  # the arg-max, first of equals, as predict_one takes it
-                        preds += [labels[j] for j in values.argmax(axis=1).tolist()]
+                        group_preds = [labels[j] for j in values.argmax(axis=1).tolist()]
                         if len(labels) == 2:  # two literal keys: about half the cost of dict(zip(...))
                             a, b = labels
-                            extras += [{a: p, b: q} for p, q in values.tolist()]
+                            group_extras = [{a: p, b: q} for p, q in values.tolist()]
                         else:
-                            extras += [dict(zip(labels, row)) for row in values.tolist()]
+                            group_extras = [dict(zip(labels, row)) for row in values.tolist()]
                 else:
-                    preds += model.predict_many(X).tolist()
-                    extras += [None] * len(X)
-                if learn:
+                    group_preds = model.predict_many(X).tolist()
+                    group_extras = [None] * len(X)
+            except (_NotAFrame, TypeError, ValueError, KeyError) as exc:
+                if not isinstance(exc, _NotAFrame):
+                    self._warn_once("mini-batch prediction refused, such groups go record by record", exc)
+                self._records(start, group, ys, frozen, preds, extras, errors)
+                continue
+            preds += group_preds
+            extras += group_extras
+            if learn:
+                try:
                     model.learn_many(X.iloc[learn], pd.Series([ys[start + i] for i in learn], index=X.index[learn]))
-            except (TypeError, ValueError, KeyError) as exc:
-                if start == 0:
-                    log.warning("mini-batch refused, going record by record", extra={"error": repr(exc)})
-                    return None
-                raise
-        return preds, extras
+                except (TypeError, ValueError, KeyError) as exc:
+                    self._warn_once("mini-batch learning refused, such groups are learned record by record", exc)
+                    for i in learn:
+                        try:
+                            model.learn_one(group[i], ys[start + i])
+                        except Exception as one:  # noqa: BLE001 - as record by record: a model_error
+                            errors[start + i] = f"{type(one).__name__}: {one}"
+        return preds, extras, errors or None
+
+    def _warn_once(self, message: str, exc: Exception) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning(message, extra={"shard": self.state.shard, "error": repr(exc)})
+
+    def _records(self, start: int, group: Sequence[dict], ys: Sequence[Any], frozen: Sequence[bool] | None,
+                 preds: list, extras: list, errors: dict[int, str]) -> None:
+        """One mini-batch group record by record (predict then learn each)."""
+        step = self._step
+        for j, x in enumerate(group):
+            i = start + j
+            try:
+                pred, extra = step(x, None if frozen is not None and frozen[i] else ys[i])
+            except Exception as exc:  # noqa: BLE001 - a model that cannot take this record must not stop the shard
+                errors[i] = f"{type(exc).__name__}: {exc}"
+                pred = extra = None
+            preds.append(pred)
+            extras.append(extra)
 
     # -- policies --------------------------------------------------------------------------
     def _new_model(self) -> None:
@@ -360,6 +395,10 @@ class Learner:
                            "model_version": state.model_version})
         else:
             events.append({"event": "challenger_discarded", **event, "model_version": state.model_version})
+
+
+class _NotAFrame(Exception):
+    """A mini-batch group that cannot be a frame (it goes record by record)."""
 
 
 def _frame(xs: Sequence[dict]) -> Any:

@@ -117,6 +117,7 @@ class Shard:
         self._every_records = s.monitor.every_records
         self._every_seconds = s.monitor.every_seconds
         self._freeze = s.monitor.drift.data.policy == "freeze"
+        self._classification = engine.task == "classification"
         self._since_report = 0
         self._last_report = time.monotonic()
         self._key_field = s.record.key is not None
@@ -179,6 +180,8 @@ class Shard:
         add = records.append
         n_filtered = 0
         last_pos = first_pos = None
+        labels = self._classification
+        label_str = None if self.state.label_kind is None else self.state.label_kind == "string"
         for i, value in enumerate(values):
             pos = positions[i]
             if pos < skip_below:
@@ -195,6 +198,14 @@ class Shard:
                 n_filtered += 1
                 continue
             rid, key, x, y, ts = decoded
+            if labels and y is not None and (type(y) is str) is not label_str:
+                if label_str is None:  # the shard's first label decides the kind of them all
+                    label_str = type(y) is str
+                    self.state.label_kind = "string" if label_str else "number"
+                else:
+                    self._dead(out.dead_letters, value, "invalid_target", _mixed_label(y, label_str), pos, now,
+                               publish_from)
+                    continue
             if ts is None and timestamps is not None:
                 ts = timestamps[i]
             add((rid, key, x, y, ts, pos, value))
@@ -394,3 +405,10 @@ class Shard:
                 "ts": now,
             }
         )
+
+
+def _mixed_label(y: Any, expected_string: bool) -> str:
+    """The detail of a label whose kind differs from the shard's first label."""
+    got, want = ("a string", "numbers (integers or booleans)") if expected_string is False else ("a number", "strings")
+    return f"the label {y!r} is {got}; this shard's labels are {want} (the first label decides)"
+

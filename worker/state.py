@@ -50,6 +50,9 @@ class ShardState:
     position: int = 0  #: the next source position to process (line number, offset, ...)
     model_version: int = 1
     records_seen: int = 0
+    #: classification: "string" or "number" (integers and booleans), the kind of the first label
+    #: this shard saw; a label of the other kind is dead-lettered (``invalid_target``)
+    label_kind: str | None = None
     extra: dict = field(default_factory=dict)  #: transport-specific state (e.g. output file sizes)
 
 

@@ -195,3 +195,25 @@ def test_concept_events_name_the_record_that_raised_them_among_unlabelled_ones()
                 if p["position"] in labels and reference.observe(labels[p["position"]], p["prediction"], False)]
     assert expected, "the label flip raised no alarm"
     assert [(e["record_id"], e["position"]) for e in events] == expected
+
+
+def test_a_label_of_another_kind_than_the_shards_first_is_an_invalid_target():
+    """One string among boolean labels would make a tree refuse every later record (it compares classes)."""
+    from worker.state import dumps_snapshot, loads_snapshot
+
+    eng = engine(model={"pipeline": [{"tree.HoeffdingTreeClassifier": {}}]})
+    shard = eng.shard("s")
+    batch = lines(30)
+    batch[5] = b'{"id": 5, "x": {"a": 1.0, "b": 2.0}, "y": "cat"}'
+    out = shard.process(batch, list(range(30)), now=0.0)
+    (dead,) = [orjson.loads(v) for _, v in out.dead_letters]
+    assert (dead["reason"], dead["position"]) == ("invalid_target", 5) and "'cat' is a string" in dead["detail"]
+    assert len(out.predictions) == 29 and shard.state.label_kind == "number"
+    # the kind survives a snapshot: a string label later is refused the same way
+    restored = eng.shard("s", loads_snapshot(dumps_snapshot(shard.state, eng.spec), eng.spec))
+    out = restored.process([b'{"id": 30, "x": {"a": 1.0}, "y": "dog"}', b'{"id": 31, "x": {"a": 1.0}, "y": 1}'], [30, 31])
+    assert [orjson.loads(v)["reason"] for _, v in out.dead_letters] == ["invalid_target"] and len(out.predictions) == 1
+    strings = eng.shard("t")  # strings first: then a number is the odd one
+    out = strings.process([b'{"x": {"a": 1.0}, "y": "yes"}', b'{"x": {"a": 1.0}, "y": 0}'], [0, 1])
+    assert [orjson.loads(v)["detail"] for _, v in out.dead_letters] == [
+        "the label 0 is a number; this shard's labels are strings (the first label decides)"]

@@ -75,3 +75,30 @@ def test_mini_batch_refuses_what_it_cannot_do_naming_the_key(data):
     with pytest.raises(ConfigError) as e:
         load_settings(data=data, env={})
     assert e.value.key == "model.mini_batch"
+
+
+def _learner(mini_batch: int):
+    from worker.learner import Learner, LearnerConfig
+    from worker.state import ShardState
+
+    config = LearnerConfig(load_settings(data={"model": {"mini_batch": mini_batch}}, env={}))
+    return Learner(config, ShardState(shard="s", model=config.new_model()))
+
+
+def test_a_group_that_is_no_frame_goes_record_by_record_and_each_record_is_learned_once():
+    learner = _learner(3)
+    xs = [{"a": 1.0}, {"a": 2.0}, {"a": 3.0}, {"a": 4.0}, {"a": "text"}, {"a": 6.0}]
+    result = learner.learn(xs, [0, 1, 0, 1, 0, 1], list(range(6)), list(range(6)), None)
+    scaler = learner.state.model.steps["StandardScaler"]
+    assert scaler.counts["a"] == 5 and len(result.preds) == 6  # group 1 once, then 4.0 and 6.0 one by one
+    assert set(result.errors) == {4}  # the scaler refuses the string, as record by record
+
+
+def test_a_label_the_model_refuses_in_a_later_group_is_a_model_error_not_a_crash():
+    learner = _learner(2)
+    xs = [{"a": float(i)} for i in range(6)]
+    result = learner.learn(xs, [0, 1, 0, 1, "cat", 1], list(range(6)), list(range(6)), None)
+    assert len(result.preds) == 6 and set(result.errors) == {4}
+    assert "TypeError" in result.errors[4] or "ValueError" in result.errors[4]
+    more = learner.learn([{"a": 1.0}, {"a": 2.0}], [0, 1], [6, 7], [6, 7], None)  # and the shard goes on
+    assert more.errors is None and len(more.preds) == 2
