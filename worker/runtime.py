@@ -100,6 +100,7 @@ class Runtime:
         self._publish_early = self._overlapped_snapshots
         self._rewind_pending = False
         self._fenced_in_row = 0
+        self._failed = False  # the loop died: a last revoke (at the source's close) must commit nothing
         self.records = 0
 
     # -- assignment listener -------------------------------------------------------------
@@ -126,6 +127,9 @@ class Runtime:
 
     def on_revoke(self, shards: list[str]) -> None:
         owned = [s for s in shards if s in self.shards]
+        if self._failed:  # a poll may have been taken off the queue and not published: commit nothing
+            self._forget(owned)
+            return
         if owned:
             try:  # one commit covers every shard's outputs, so commit every shard's position
                 self._drain()
@@ -141,7 +145,7 @@ class Runtime:
     def on_lost(self, shards: list[str]) -> None:
         lost = [s for s in shards if s in self.shards]
         self._forget(lost)
-        if lost:  # the other shards' batches in flight are still good
+        if lost and not self._failed:  # the other shards' batches in flight are still good
             self._drain()
         abort = getattr(self.sink, "abort", None)
         if lost and abort is not None and abort():
@@ -365,6 +369,9 @@ class Runtime:
                     final.metrics.append((None, report))
             self.sink.publish(final)
             self.checkpoint() if self.store is not None else self.sink.commit(self.positions())
+        except BaseException:
+            self._failed = True
+            raise
         finally:
             tel.set_ready(False)
             self.source.close()

@@ -18,7 +18,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from worker.checkpoint.file import FileStore
 from worker.checkpoint.kafka import KafkaStore
 from worker.config import load_settings
-from worker.errors import FencedError
+from worker.errors import CheckpointStoreError, FencedError
 from worker.learning import Engine
 from worker.records import Batch, Outputs
 from worker.runtime import Runtime
@@ -448,6 +448,46 @@ def test_runtime_rewinds_after_an_aborted_commit(tmp_path):
     Runtime(Engine(settings), clean_source, clean, FileStore(tmp_path / "clean")).run()
     by_id = {p["id"]: p["prediction"] for p in clean.visible}
     assert all(by_id[p["id"]] == p["prediction"] for p in sink.visible)
+
+
+class _RevokingAtClose(ListSource):
+    """A source whose close() serves a last revoke through the listener, as consumer.close() does."""
+
+    def start(self, listener) -> None:
+        self.listener = listener
+        super().start(listener)
+
+    def close(self) -> None:
+        self.listener.on_revoke(list(self.records))
+
+
+class _FailingStore(FileStore):
+    def __init__(self, path, fail_at: int):
+        super().__init__(path)
+        self.saves, self.fail_at = 0, fail_at
+
+    def save(self, shard, blob) -> None:
+        self.saves += 1
+        if self.saves == self.fail_at:
+            raise CheckpointStoreError("disk full (injected)")
+        super().save(shard, blob)
+
+
+def test_a_loop_that_died_commits_nothing_at_the_last_revoke(tmp_path, late_learners):
+    """A snapshot between polls fails after its poll was collected and before it was published:
+    the revoke at the source's close must not commit past that unpublished poll."""
+    settings = load_settings(data={"checkpoint": {"store": f"file://{tmp_path}", "every_records": 120},
+                                   "limits": {"polls_in_flight": 3}, "telemetry": {"port": None}}, env={})
+    engine = Engine(settings)
+    source = _RevokingAtClose(400)
+    sink = TxnSink(source)
+    sink.commits = 100  # no injected commit failures
+    runtime = Runtime(engine, source, sink, _FailingStore(tmp_path, fail_at=3), learners=late_learners(engine.learner))
+    with pytest.raises(CheckpointStoreError):  # saves 1 and 2: the first snapshots at assignment
+        runtime.run()
+    for p, shard in enumerate(("s0", "s1")):
+        published = {int(r["id"].split("-")[1]) for r in sink.visible if r["id"].startswith(f"{p}-")}
+        assert set(range(source.committed_pos.get(shard, 0))) <= published, shard
 
 
 class LosingSource(ListSource):
