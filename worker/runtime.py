@@ -99,7 +99,8 @@ class Runtime:
         self._overlapped_snapshots = engine.settings.monitor.drift.data.policy != "freeze"
         self._publish_early = self._overlapped_snapshots
         self._rewind_pending = False
-        self._fenced_in_row = 0
+        self._fenced_in_row = 0  # fences since the last commit known to have succeeded
+        self._commit_started = False  # the last commit did not wait: it may still fail
         self._failed = False  # the loop died: a last revoke (at the source's close) must commit nothing
         self.records = 0
 
@@ -158,6 +159,7 @@ class Runtime:
     def rewind(self) -> None:
         """Restore every owned shard from its snapshot and read again from there (after an abort)."""
         self._rewind_pending = False
+        self._commit_started = False  # (its failure is what brought us here, or it settled before)
         names = list(self.shards)
         log.warning("uncommitted outputs were dropped: rewinding to the last snapshots", extra={"shards": names})
         while self.learners.pending:  # learned from states about to be thrown away
@@ -231,7 +233,11 @@ class Runtime:
         else:  # the periodic commit: a sink with commit_every may leave part of it for later
             self.sink.commit(self.positions(), wait=False)
         self._last_commit = time.monotonic()
-        self._fenced_in_row = 0
+        # A commit has succeeded: this one, if it waited; else the one before it, in the background
+        # (a sink settles it when this call begins, raising its failure there).
+        if wait or self._commit_started:
+            self._fenced_in_row = 0
+        self._commit_started = not wait
 
     def _begin_snapshot(self) -> None:
         """Overlapped checkpoint, first half, once every poll before the one submitted with a dump

@@ -490,6 +490,56 @@ def test_a_loop_that_died_commits_nothing_at_the_last_revoke(tmp_path, late_lear
         assert set(range(source.committed_pos.get(shard, 0))) <= published, shard
 
 
+class _AlwaysFenced(TxnSink):
+    """Every background commit fails, as a producer fenced by another one with its transactional
+    id would; the failure surfaces at the next publish."""
+
+    def __init__(self, source: ListSource):
+        super().__init__(source)
+        self.failed = False
+        self.fences = 0
+
+    def publish(self, outputs: Outputs) -> None:
+        if self.failed:
+            self.failed, self.pending = False, []
+            self.fences += 1
+            raise FencedError("producer fenced on commit (injected)")
+        super().publish(outputs)
+
+    def commit(self, positions: dict[str, int], wait: bool = True) -> None:
+        if wait:
+            super().commit(positions, wait)
+        else:
+            self.failed = True
+
+
+def test_fenced_again_and_again_in_the_background_the_worker_gives_up(tmp_path):
+    """Two workers sharing a transactional id fence each other forever: after four fences in a
+    row with no commit in between, the worker exits (its orchestrator can tell)."""
+    settings = load_settings(data={"checkpoint": {"store": f"file://{tmp_path}", "every_records": 10**9,
+                                                  "every_seconds": 10**6},
+                                   "telemetry": {"port": None}, "learner": "inline"}, env={})
+    source = ListSource(10**5, size=20)
+    sink = _AlwaysFenced(source)
+    runtime = Runtime(Engine(settings), source, sink, FileStore(tmp_path))
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["rc"] = runtime.run()
+        except BaseException as exc:  # noqa: BLE001 - the outcome under test
+            outcome["exc"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(30)
+    if thread.is_alive():  # (bounded: stop it either way)
+        runtime.stop()
+        thread.join(10)
+    assert isinstance(outcome.get("exc"), FencedError), outcome
+    assert sink.fences == 4
+
+
 class LosingSource(ListSource):
     """Loses shard s1 once, at the first poll where a snapshot's learner half is asked for
     behind polls not yet published (the worker's half not taken yet)."""
