@@ -336,6 +336,18 @@ def test_at_least_once_delivery_error_rewinds_and_commits_nothing_after_it(mock_
     assert source.commits == [({"in-0": 2}, True)]
 
 
+def test_at_least_once_commits_again_after_a_fatal_producer_error(mock_cluster):
+    """The producer is re-created; what the old one held is replayed, not waited for."""
+    sink, source = _alo_sink(mock_cluster)
+    sink.publish(Outputs(predictions=[(None, b"a1"), (None, b"a2")]))
+    sink.commit({"in-0": 2}, wait=False)  # sealed, never acknowledged: the old producer is gone
+    with pytest.raises(Rewind, match="re-created"):
+        sink._failed(KafkaException(KafkaError(KafkaError._FATAL, "injected", fatal=True)), "produce")
+    sink.publish(Outputs(predictions=[(None, b"a1"), (None, b"a2")]))  # the replay, on the new producer
+    sink.commit({"in-0": 2})
+    assert source.commits == [({"in-0": 2}, True)]
+
+
 def test_a_lost_asynchronous_commit_is_sent_again(mock_cluster):
     sink, source = _alo_sink(mock_cluster)
     sink.publish(Outputs(predictions=[(None, b"a1")]))

@@ -534,6 +534,10 @@ class KafkaSink:
         if not self.exactly_once:
             if err is not None and err.fatal():
                 self.producer = self._new_producer()
+                # the old producer's acknowledgements will never come: the outputs it held are
+                # replayed after the rewind, and the epochs waiting for them would block every commit
+                self._sealed.clear()
+                self._epoch = _Epoch()
                 raise Rewind(f"fatal producer error on {what}: {err}; producer re-created") from exc
             raise SinkError(f"{what} failed: {exc}") from exc
         if err is not None and (err.code() in FENCED or err.fatal()):
