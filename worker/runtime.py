@@ -114,7 +114,11 @@ class Runtime:
             committed = self.source.committed(name)
             self.publish_from[name] = max(shard.state.position, committed or 0)
             if own:
-                self.sink.restore(name, state.extra.get("sink", {}))
+                try:
+                    self.sink.restore(name, state.extra.get("sink", {}))
+                except (Rewind, FencedError):  # the commit in flight failed (its outputs are gone):
+                    self._rewind_pending = True  # rewind every shard once all are set up, the new ones too
+                    self.sink.restore(name, state.extra.get("sink", {}))
             elif self.store is not None:
                 # a first snapshot at once: a crash before the first checkpoint then rolls back to here
                 self._snapshot(name)

@@ -552,6 +552,34 @@ def test_fenced_again_and_again_in_the_background_the_worker_gives_up(tmp_path):
     assert sink.fences == 4
 
 
+class _RestoreFailsOnce(TxnSink):
+    """restore() raises as the Kafka sink's does when the commit in flight failed (its outputs aborted)."""
+
+    def restore(self, shard: str, state: dict) -> None:
+        if not getattr(self, "failed", False):
+            self.failed = True
+            self.pending = []
+            raise Rewind("injected: the background commit failed")
+
+
+def test_a_failed_commit_met_during_an_assignment_rewinds_every_shard(tmp_path):
+    """Every shard of the assignment is set up (none left unowned), then all rewind."""
+    settings = load_settings(data={"checkpoint": {"store": f"file://{tmp_path}", "every_records": 120},
+                                   "telemetry": {"port": None}}, env={})
+    first = ListSource(400)
+    sink = TxnSink(first)
+    sink.commits = 100  # no injected commit failures
+    Runtime(Engine(settings), first, sink, FileStore(tmp_path)).run()  # snapshots of both shards
+    source = ListSource(600)
+    source.committed_pos = dict(first.committed_pos)
+    sink = _RestoreFailsOnce(source)
+    sink.commits = 100
+    runtime = Runtime(Engine(settings), source, sink, FileStore(tmp_path))
+    assert runtime.run() == 0
+    ids = [r["id"] for r in sink.visible]
+    assert sorted(ids) == sorted(f"{p}-{i}" for p in (0, 1) for i in range(400, 600))  # each once
+
+
 class LosingSource(ListSource):
     """Loses shard s1 once, at the first poll where a snapshot's learner half is asked for
     behind polls not yet published (the worker's half not taken yet)."""
