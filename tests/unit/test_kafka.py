@@ -13,7 +13,7 @@ import time
 
 import orjson
 import pytest
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from worker.checkpoint.file import FileStore
 from worker.checkpoint.kafka import KafkaStore
@@ -26,6 +26,7 @@ from worker.state import loads_snapshot
 from worker.transports.base import Rewind
 from worker.transports.kafka import (
     KafkaSink,
+    KafkaSource,
     OutputReader,
     RecordProducer,
     client_configs,
@@ -346,6 +347,24 @@ def test_at_least_once_commits_again_after_a_fatal_producer_error(mock_cluster):
     sink.publish(Outputs(predictions=[(None, b"a1"), (None, b"a2")]))  # the replay, on the new producer
     sink.commit({"in-0": 2})
     assert source.commits == [({"in-0": 2}, True)]
+
+
+class _RefusingConsumer:
+    def __init__(self):
+        self.calls = 0
+
+    def commit(self, offsets=None, asynchronous=True):
+        self.calls += 1
+        raise KafkaException(KafkaError(KafkaError.ILLEGAL_GENERATION, "injected"))
+
+
+def test_at_least_once_a_refused_offset_commit_is_sent_again_not_fatal():
+    from worker.monitoring.telemetry import Telemetry
+
+    source = KafkaSource({}, ["in"], Telemetry())
+    source.consumer = _RefusingConsumer()
+    source.commit_offsets([TopicPartition("in", 0, 5)], wait=True)  # logged, not raised
+    assert source.commit_failed and source.consumer.calls == 1  # (not retriable: no retry)
 
 
 def test_a_lost_asynchronous_commit_is_sent_again(mock_cluster):

@@ -214,13 +214,22 @@ class KafkaSource:
         return self.consumer.consumer_group_metadata()
 
     def commit_offsets(self, offsets: list[TopicPartition], wait: bool = True) -> None:
-        """Commit ``offsets`` to the group; without ``wait`` asynchronously (a failed one is
-        logged, and a later commit covers its offsets)."""
-        assert self.consumer is not None
+        """Commit ``offsets`` to the group (at-least-once); without ``wait`` asynchronously.
+
+        A commit that fails (after retries of what librdkafka calls retriable: a rebalance in
+        progress, a coordinator moving) is logged and sent again with the next commit: the
+        outputs it covers are acknowledged already, so nothing is lost, and a restart before
+        the next commit only replays them (duplicates, as at-least-once allows)."""
+        consumer = self.consumer
+        assert consumer is not None
         try:
-            self.consumer.commit(offsets=offsets, asynchronous=not wait)
-        except KafkaException as exc:
-            raise SourceError(f"offset commit failed: {exc}") from exc
+            if wait:
+                _retry(lambda: consumer.commit(offsets=offsets, asynchronous=False), "offset commit")
+            else:
+                consumer.commit(offsets=offsets, asynchronous=True)
+        except (TransportError, KafkaException) as exc:
+            self.commit_failed = True
+            log.warning("offset commit failed, sent again with the next commit: %s", exc)
 
     def lag(self, shard: str, position: int) -> int | None:
         """High watermark minus ``position`` from the client's cached watermarks (no request)."""
