@@ -367,6 +367,37 @@ def test_at_least_once_a_refused_offset_commit_is_sent_again_not_fatal():
     assert source.commit_failed and source.consumer.calls == 1  # (not retriable: no retry)
 
 
+@pytest.mark.parametrize("exactly_once", [True, False])
+def test_an_output_too_large_for_the_producer_becomes_a_short_dead_letter(mock_cluster, exactly_once):
+    """It would fail again on every replay (a rewind loop, or a worker that never commits)."""
+    from worker.monitoring.telemetry import Telemetry
+
+    tag = f"big-{exactly_once}"
+    kinds = {"predictions": f"{tag}-pred", "dead_letter": f"{tag}-dl"}
+    conf = {"bootstrap.servers": mock_cluster, "message.max.bytes": 10_000, **QUIET}
+    if exactly_once:
+        conf["transactional.id"] = tag
+    source = _OffsetSource()
+    source.group_metadata = lambda: None
+    sink = KafkaSink(conf, kinds, source, Telemetry(), exactly_once=exactly_once)
+    reader = OutputReader(mock_cluster, list(kinds.values()), **QUIET)
+    sink.publish(Outputs(predictions=[(b"k", b'"' + b"x" * 20_000 + b'"'), (None, b'{"ok":1}')]))
+    sink.commit({"in-0": 2} if not exactly_once else {})
+    got = Outputs()
+    deadline = time.monotonic() + 20
+    while (not got.predictions or not got.dead_letters) and time.monotonic() < deadline:
+        got.extend(reader.poll(0.2, kinds))
+    assert [v for _, v in got.predictions] == [b'{"ok":1}']
+    ((key, value),) = got.dead_letters
+    letter = orjson.loads(value)
+    assert key == b"k" and (letter["reason"], letter["output"], letter["bytes"]) == ("output_too_large", kinds["predictions"], 20_002)
+    assert len(letter["head"]) == 1024
+    assert sink.telemetry.dead_letters.labels(reason="output_too_large")._value.get() == 1
+    if not exactly_once:
+        assert source.commits == [({"in-0": 2}, True)]
+    sink.close()
+
+
 def test_a_lost_asynchronous_commit_is_sent_again(mock_cluster):
     sink, source = _alo_sink(mock_cluster)
     sink.publish(Outputs(predictions=[(None, b"a1")]))

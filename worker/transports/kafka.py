@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from confluent_kafka import (
     OFFSET_BEGINNING,
     OFFSET_INVALID,
@@ -396,9 +397,28 @@ class KafkaSink:
                         produce(topic, value, key, ANY_PARTITION, done)
                     except BufferError:  # the local queue is full: serve deliveries, then retry
                         self._produce_when_room(topic, value, key, done)
+                    except KafkaException as exc:
+                        err = _err(exc)
+                        if err is None or err.code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                            raise
+                        self._too_large(topic, value, key, done, exc)
             producer.poll(0)
         except Exception as exc:  # noqa: BLE001 - any failure inside a transaction aborts it
             self._failed(exc, "produce")
+
+    def _too_large(self, topic: str, value: bytes, key: bytes | None, done: Any, exc: KafkaException) -> None:
+        """An output longer than the producer's ``message.max.bytes``: it would fail on every
+        replay, so a short dead letter takes its place (its first KiB, its length, its topic)."""
+        dead = self.topics.get("dead_letter")
+        self.telemetry.dead_letters.labels(reason="output_too_large").inc()
+        log.error("an output was too large for the producer: dead-lettered", extra={"topic": topic, "bytes": len(value)})
+        if dead is None:
+            if done is not None:
+                self._epoch.pending -= 1  # (at-least-once: counted, never sent)
+            return
+        letter = orjson.dumps({"event": "dead_letter", "reason": "output_too_large", "detail": str(exc),
+                               "output": topic, "bytes": len(value), "head": value[:1024].decode("utf-8", "replace")})
+        self.producer.produce(dead, letter, key, ANY_PARTITION, done)
 
     def _produce_when_room(self, topic: str, value: bytes, key: bytes | None, done: Any) -> None:
         deadline = time.monotonic() + TIMEOUT
