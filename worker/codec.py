@@ -49,8 +49,14 @@ REASONS = (
     "invalid_target",
     "invalid_id",
     "invalid_key",
+    "invalid_timestamp",
     "model_error",
+    "output_too_large",
 )
+
+#: A dead letter's payload is cut to this many bytes (``payload_truncated``), so that it fits
+#: an output's message size limit (Kafka's default 1 MB) even as base64 or fully escaped text.
+DEAD_LETTER_PAYLOAD_BYTES = 128 * 1024
 
 _NON_FINITE = re.compile(rb"-?(NaN|Infinity)")
 _PLAIN = frozenset({int, float, str, bool})
@@ -101,6 +107,26 @@ def _access(path: str | None) -> tuple[str | None, Callable[[dict], Any] | None]
     if "." not in path:
         return path, None
     return None, _getter(path)
+
+
+def _fields(names: list[str]) -> Callable[[dict], dict | None]:
+    """The features from a list of fields (each a name or a dotted path); None when none is present.
+
+    A feature is named by its field as configured (``meta.age`` stays ``meta.age``); a null
+    value is kept as the feature's missing value, as in a features object.
+    """
+    plain = tuple(n for n in names if "." not in n)
+    dotted = tuple((n, _getter(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names if "." in n)
+
+    def get(obj: dict) -> dict | None:
+        x = {f: obj[f] for f in plain if f in obj}
+        for name, parent_of, leaf in dotted:
+            parent = parent_of(obj)
+            if type(parent) is dict and leaf in parent:
+                x[name] = parent[leaf]
+        return x or None
+
+    return get
 
 
 def _filter(rule: FilterRule) -> Callable[[dict], bool]:
@@ -154,12 +180,12 @@ class Decoder:
         self._target, self._target_get = _access(target)
         if isinstance(record.features, str):
             self._feature_field = record.features
+            self._no_features = f"no field {record.features!r}"
             self._features, self._features_get = _access(record.features)
         else:
-            fields = tuple(record.features)
-            self._feature_field = ",".join(fields)
-            self._features = None
-            self._features_get = lambda obj: {f: obj[f] for f in fields if f in obj}
+            self._feature_field = ",".join(record.features)
+            self._no_features = f"none of the fields {list(record.features)}"
+            self._features, self._features_get = None, _fields(record.features)
         self._drop = [_filter(rule) for rule in record.drop_if]
 
     def dropped(self, obj: dict) -> bool:
@@ -190,7 +216,7 @@ class Decoder:
         x = get(name) if name is not None else self._features_get(obj)
         if type(x) is not dict:
             if x is None:
-                raise BadRecord("missing_features", f"no field {self._feature_field!r}")
+                raise BadRecord("missing_features", self._no_features)
             raise BadRecord(
                 "features_not_object",
                 f"field {self._feature_field!r} must be a JSON object, got {_json_type(x)}",
@@ -217,8 +243,10 @@ class Decoder:
         if key is not None and not (type(key) is str or type(key) is int):
             raise BadRecord("invalid_key", f"the key must be a string or integer, got {_json_type(key)}")
         name = self._ts
-        return rid, key, x, y, get(name) if name is not None else self._ts_get(obj) if self._ts_get else None
-
+        ts = get(name) if name is not None else self._ts_get(obj) if self._ts_get else None
+        if ts is not None and not (type(ts) is float or type(ts) is int):
+            raise BadRecord("invalid_timestamp", f"the timestamp must be a number (Unix seconds), got {_json_type(ts)}")
+        return rid, key, x, y, ts
 
     def _check_values(self, x: dict) -> dict:
         """The slow path of feature validation: missing values, or a nested value to refuse."""
@@ -290,11 +318,23 @@ def prediction_encoder(shard: str, extra_name: str | None) -> Callable[..., byte
 def encode_dead_letter(
     value: bytes, reason: str, detail: str, shard: str, position: int, ts: float
 ) -> bytes:
-    """A dead letter: the original bytes (text, or base64 when not UTF-8), reason, position."""
+    """A dead letter: the original bytes (text, or base64 when not UTF-8), reason, position.
+
+    A payload longer than :data:`DEAD_LETTER_PAYLOAD_BYTES` is cut to that many bytes, with
+    ``payload_truncated`` and ``payload_bytes`` (the record is still at ``position``).
+
+    >>> letter = orjson.loads(encode_dead_letter(b"x" * 200_000, "too_large", "...", "s", 3, 0.0))
+    >>> len(letter["payload"]), letter["payload_truncated"], letter["payload_bytes"]
+    (131072, True, 200000)
+    """
+    cut: dict[str, Any] = {}
+    if len(value) > DEAD_LETTER_PAYLOAD_BYTES:
+        cut = {"payload_truncated": True, "payload_bytes": len(value)}
+        value = value[:DEAD_LETTER_PAYLOAD_BYTES]
     try:
-        payload: dict[str, Any] = {"payload": value.decode("utf-8")}
-    except UnicodeDecodeError:
-        payload = {"payload": None, "payload_base64": base64.b64encode(value).decode("ascii")}
+        payload: dict[str, Any] = {"payload": value.decode("utf-8"), **cut}
+    except UnicodeDecodeError:  # (a cut through a character lands here too: the bytes stay exact)
+        payload = {"payload": None, "payload_base64": base64.b64encode(value).decode("ascii"), **cut}
     return dumps(
         {
             "event": "dead_letter",

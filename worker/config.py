@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictInt, ValidationError, ValidationInfo, field_validator
 
 from worker.errors import ConfigError
 
@@ -91,7 +91,14 @@ class FilterRule(_Section):
 
     field: str
     op: Literal["eq", "ne", "lt", "le", "gt", "ge", "in", "not_in", "missing", "present"]
-    value: Any = None
+    value: Any = Field(None, validate_default=True)
+
+    @field_validator("value")
+    @classmethod
+    def _list_for_in(cls, v: Any, info: ValidationInfo) -> Any:
+        if info.data.get("op") in ("in", "not_in") and not isinstance(v, list):
+            raise ValueError(f"op {info.data['op']} needs a list of values, got {v!r}")
+        return v
 
 
 class RecordSettings(_Section):
@@ -156,8 +163,8 @@ class ConceptDriftSettings(_Section):
 
     detector: EstimatorSpec | None = Field(
         default_factory=lambda: {"drift.ADWIN": {"delta": 0.001}},
-        description="A river.drift detector (ADWIN, PageHinkley, KSWIN, DDM, EDDM, HDDM_A, HDDM_W, ...); "
-        "null disables concept drift.",
+        description="A river drift detector (drift.ADWIN, drift.PageHinkley, drift.KSWIN, ...; the binary-error "
+        "drift.binary.DDM, EDDM, HDDMA, HDDMW, FHDDM for classification only); null disables concept drift.",
     )
     degradation_only: bool = Field(True, description="Alarm only when the error rises.")
     policy: Literal["alert", "reset", "challenger"] = "alert"
@@ -211,7 +218,7 @@ class MonitorSettings(_Section):
 
 
 class CheckpointSettings(_Section):
-    store: str | None = Field(None, description="file:///dir; null disables checkpoints.")
+    store: str | None = Field(None, description="file:///dir or kafka://topic; null disables checkpoints.")
     every_records: int = Field(10000, ge=1)
     every_seconds: float = Field(30.0, gt=0)
     hmac_key: SecretStr | None = Field(None, description="Signs and verifies snapshots.")
@@ -221,11 +228,22 @@ class CheckpointSettings(_Section):
     def _store_scheme(cls, v: str | None) -> str | None:
         if v is not None and not v.startswith(("file://", "kafka://")):
             raise ValueError("must be file:///path or kafka://topic")
+        if v is not None and v.startswith("file://") and not Path(v[len("file://") :]).is_absolute():
+            raise ValueError(f"{v!r}: a file store needs an absolute directory, file:///path")
+        if v == "kafka://":
+            raise ValueError("a Kafka store needs a topic, kafka://topic")
+        return v
+
+    @field_validator("hmac_key")
+    @classmethod
+    def _hmac_key_not_empty(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value():
+            raise ValueError("is empty; an empty key would sign nothing: set one, or null to not sign snapshots")
         return v
 
 
 class TelemetrySettings(_Section):
-    port: int | None = Field(9108, ge=0, le=65535, description="0 = any free port; null disables.")
+    port: StrictInt | None = Field(9108, ge=0, le=65535, description="0 = any free port; null disables.")
     host: str = "0.0.0.0"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
@@ -331,9 +349,11 @@ def load_settings(
             raw: Any = {}
         else:
             try:
-                raw = yaml.safe_load(Path(path).read_text()) or {}
+                raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
             except FileNotFoundError as exc:
                 raise ConfigError("", f"config file not found: {path}") from exc
+            except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not UTF-8 text
+                raise ConfigError("", f"cannot read config file {path}: {exc}") from exc
             except yaml.YAMLError as exc:
                 raise ConfigError("", f"config file is not valid YAML: {exc}") from exc
     else:
@@ -353,10 +373,27 @@ def load_settings(
 
         check_mini_batch(settings, model)
     if settings.monitor.drift.concept.detector is not None:
-        from worker.models.spec import build_estimator
-
-        build_estimator(settings.monitor.drift.concept.detector, key="monitor.drift.concept.detector")
+        _check_concept_detector(settings)
+    store = settings.checkpoint.store
+    if store is not None and store.startswith("kafka://") and settings.source.type != "kafka":
+        raise ConfigError("checkpoint.store", f"{store!r} needs the Kafka transport (source.type: kafka)")
     return settings
+
+
+def _check_concept_detector(settings: Settings) -> None:
+    """The concept detector spec builds a river drift detector fit for the task."""
+    from river import base
+
+    from worker.models.spec import build_estimator
+
+    key = "monitor.drift.concept.detector"
+    detector = build_estimator(settings.monitor.drift.concept.detector, key=key)
+    name = type(detector).__name__
+    if not isinstance(detector, base.DriftDetector | base.BinaryDriftDetector):
+        raise ConfigError(key, f"{name} is not a river drift detector (e.g. drift.ADWIN)")
+    if isinstance(detector, base.BinaryDriftDetector) and settings.model.task == "regression":
+        raise ConfigError(key, f"{name} is a binary-error detector (classification only); "
+                          "regression needs one for real-valued errors, e.g. drift.ADWIN or drift.PageHinkley")
 
 
 def _mask(obj: Any, key: str = "") -> Any:

@@ -244,11 +244,17 @@ class Learner:
                 continue
             acted = False
             if challenger is not None:
-                challenger.observe(x, y, pred)
-                verdict = challenger.verdict()
-                if verdict is not None:
-                    self._settle_challenger(events, verdict, rids[i], positions[i])
+                try:
+                    challenger.observe(x, y, pred)
+                except Exception as exc:  # a challenger that cannot take this record is given up, not the shard
+                    self._settle_challenger(events, "discard", rids[i], positions[i],
+                                            f"{type(exc).__name__}: {exc}")
                     acted = True
+                else:
+                    verdict = challenger.verdict()
+                    if verdict is not None:
+                        self._settle_challenger(events, verdict, rids[i], positions[i])
+                        acted = True
             if concept is not None:
                 if concept.observe(y, pred, regression):
                     events.append({**concept.event(rids[i], positions[i]), "model_version": state.model_version})
@@ -379,7 +385,8 @@ class Learner:
             events.append({"event": "challenger_started", "signal": "concept", "record_id": rid, "position": pos,
                            "model_version": state.model_version})
 
-    def _settle_challenger(self, events: list, verdict: str, rid: Any, pos: int) -> None:
+    def _settle_challenger(self, events: list, verdict: str, rid: Any, pos: int, error: str | None = None) -> None:
+        """Promote or discard the challenger; ``error``: it is discarded because it failed on this record."""
         state = self.state
         challenger = state.challenger
         champion_score, challenger_score = challenger.scores()
@@ -394,7 +401,8 @@ class Learner:
             events.append({"event": "promotion", **event, "previous_version": previous,
                            "model_version": state.model_version})
         else:
-            events.append({"event": "challenger_discarded", **event, "model_version": state.model_version})
+            reason = {"reason": "max_records"} if error is None else {"reason": "model_error", "detail": error}
+            events.append({"event": "challenger_discarded", **event, **reason, "model_version": state.model_version})
 
 
 class _NotAFrame(Exception):

@@ -61,10 +61,24 @@ DEEP_ORJSON = 1100  # orjson refuses nesting deeper than 1024
         (b'{"id": true, "x": {"a": 1}}', "invalid_id"),
         (b'{"id": 1, "k": {"u": 1}, "x": {"a": 1}}', "invalid_key"),
         (b'{"id": 1, "k": 2.5, "x": {"a": 1}}', "invalid_key"),
+        (b'{"x": {"a": 1}, "ts": {"t": 1}}', "invalid_timestamp"),
+        (b'{"x": {"a": 1}, "ts": "yesterday"}', "invalid_timestamp"),
+        (b'{"x": {"a": 1}, "ts": "1700000000"}', "invalid_timestamp"),
+        (b'{"x": {"a": 1}, "ts": true}', "invalid_timestamp"),
+        (b'{"x": {"a": 1}, "ts": [1]}', "invalid_timestamp"),
     ],
 )
 def test_dead_letter_reasons(value, reason):
-    assert reason_of(decoder(key="k"), value) == reason
+    assert reason_of(decoder(key="k", timestamp="ts"), value) == reason
+
+
+def test_a_timestamp_is_a_number_of_seconds_or_absent():
+    d = decoder(timestamp="meta.ts")
+    assert d.decode(b'{"x": {"a": 1}, "meta": {"ts": 1700000000}}')[4] == 1700000000
+    assert d.decode(b'{"x": {"a": 1}, "meta": {"ts": 1.5}}')[4] == 1.5
+    assert d.decode(b'{"x": {"a": 1}, "meta": {"ts": null}}')[4] is None
+    assert d.decode(b'{"x": {"a": 1}}')[4] is None
+    assert reason_of(d, b'{"x": {"a": 1}, "meta": {"ts": false}}') == "invalid_timestamp"
 
 
 @pytest.mark.parametrize(
@@ -180,7 +194,19 @@ def test_features_as_a_list_of_top_level_fields():
     rid, key, x, y, ts = d.decode(b'{"id": 1, "age": 31, "country": "fr", "other": 9, "label": true}')
     assert x == {"age": 31, "country": "fr"} and y is True and rid == 1
     assert reason_of(d, b'{"age": {"years": 31}}') == "nested_feature"
-    assert d.decode(b'{"other": 1}')[2] == {}  # none present: an empty record (river accepts {})
+    assert reason_of(d, b'{"other": 1, "label": true}') == "missing_features"  # none present
+    assert d.decode(b'{"age": null}')[2] == {}  # present, null: a missing value, as in a features object
+
+
+def test_features_as_a_list_with_dotted_paths():
+    d = decoder(features=["age", "geo.country", "meta.device.os"], target="label")
+    value = b'{"age": 31, "geo": {"country": "fr", "city": "Lyon"}, "meta": {"device": {"os": "ios"}}, "label": 1}'
+    assert d.decode(value)[2] == {"age": 31, "geo.country": "fr", "meta.device.os": "ios"}
+    assert d.decode(b'{"geo": {"country": "de"}, "meta": "x"}')[2] == {"geo.country": "de"}
+    assert reason_of(d, b'{"geo": 3, "meta": {"device": {}}}') == "missing_features"
+    assert reason_of(d, b'{"geo": {"country": [1]}}') == "nested_feature"
+    kept = decoder(features=["geo.country", "geo.city"], keep_missing=True)
+    assert kept.decode(b'{"geo": {"country": null, "city": "Lyon"}}')[2] == {"geo.country": None, "geo.city": "Lyon"}
 
 
 @pytest.mark.parametrize(
@@ -332,3 +358,15 @@ def test_prediction_encoder_takes_numpy_values_as_dumps_does():
     got = orjson.loads(encode(1, None, np.float64(0.5), np.float32(0.25), 2, np.int64(7), 1.0))
     assert got == {"id": 1, "key": None, "prediction": 0.5, "score": 0.25, "model_version": 2, "shard": "s",
                    "position": 7, "ts": 1.0}
+
+
+@pytest.mark.parametrize("value", [b'{"x": "' + "é".encode() * 100_000 + b'"}', b"\xff" + b"\x00" * 300_000])
+def test_a_long_payload_is_cut_so_that_its_dead_letter_fits_an_output(value):
+    from worker.codec import DEAD_LETTER_PAYLOAD_BYTES
+
+    encoded = encode_dead_letter(value, "too_large", "d", "s", 9, 0.0)
+    dl = orjson.loads(encoded)
+    assert dl["payload_truncated"] is True and dl["payload_bytes"] == len(value)
+    assert original_payload(dl) == value[:DEAD_LETTER_PAYLOAD_BYTES]  # exact bytes, even cut through a character
+    assert len(encoded) < 1_000_000  # Kafka's default message.max.bytes
+    assert "payload_truncated" not in orjson.loads(encode_dead_letter(b"{", "invalid_json", "d", "s", 0, 0.0))

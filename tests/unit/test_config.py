@@ -76,6 +76,17 @@ def test_missing_file_is_a_config_error(tmp_path):
         load_settings(tmp_path / "nope.yaml", env={})
 
 
+def test_a_directory_or_a_non_utf8_file_is_a_config_error_naming_it(tmp_path, capsys):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"telemetry: {host: caf\xe9\xff}\n")
+    for path in (tmp_path, bad):
+        with pytest.raises(ConfigError, match="cannot read config file") as e:
+            load_settings(path, env={})
+        assert str(path) in str(e.value)
+        assert main(["check", "--config", str(path)]) == 2
+        assert str(path) in capsys.readouterr().err
+
+
 # -- environment ---------------------------------------------------------------------------
 
 
@@ -125,6 +136,16 @@ def test_env_config_dict_keys_map_to_dotted_librdkafka_names():
     assert s.source.kafka.topics == ["a", "b"]
 
 
+def test_env_consumer_and_producer_keys_map_to_dotted_librdkafka_names_too():
+    s = load_settings(
+        data={"source": KAFKA},
+        env={"WORKER__SOURCE__KAFKA__CONSUMER__AUTO_OFFSET_RESET": "earliest",
+             "WORKER__SOURCE__KAFKA__PRODUCER__LINGER_MS": "5"},
+    )
+    assert s.source.kafka.consumer == {"auto.offset.reset": "earliest"}
+    assert s.source.kafka.producer == {"linger.ms": 5}
+
+
 def test_env_override_with_a_wrong_type_names_the_key():
     with pytest.raises(ConfigError) as e:
         load_settings(data={}, env={"WORKER__TELEMETRY__PORT": "lots"})
@@ -156,10 +177,16 @@ def test_env_override_that_yaml_reads_as_a_date_is_not_dropped():
         ({"telemetry": {"prot": 1}}, "telemetry.prot"),
         ({"telemetry": {"port": "abc"}}, "telemetry.port"),
         ({"telemetry": {"port": 70000}}, "telemetry.port"),
+        ({"telemetry": {"port": True}}, "telemetry.port"),
         ({"telemetry": {"log_level": "LOUD"}}, "telemetry.log_level"),
         ({"checkpoint": {"store": "s3://bucket"}}, "checkpoint.store"),
         ({"checkpoint": {"every_records": 0}}, "checkpoint.every_records"),
         ({"checkpoint": {"hmac_key": 5}}, "checkpoint.hmac_key"),
+        ({"checkpoint": {"hmac_key": ""}}, "checkpoint.hmac_key"),
+        ({"checkpoint": {"store": "file://"}}, "checkpoint.store"),
+        ({"checkpoint": {"store": "file://relative/dir"}}, "checkpoint.store"),
+        ({"checkpoint": {"store": "kafka://"}}, "checkpoint.store"),
+        ({"checkpoint": {"store": "kafka://snapshots"}}, "checkpoint.store"),  # with the file source
         ({"limits": {"max_record_bytes": 10}}, "limits.max_record_bytes"),
         ({"monitor": {"every_seconds": 0}}, "monitor.every_seconds"),
         ({"model": {"task": "ranking"}}, "model.task"),
@@ -167,6 +194,9 @@ def test_env_override_that_yaml_reads_as_a_date_is_not_dropped():
         ({"record": {"features": []}}, "record.features"),
         ({"record": {"missing": "maybe"}}, "record.missing"),
         ({"record": {"drop_if": [{"field": "a", "op": "like"}]}}, "record.drop_if.0.op"),
+        ({"record": {"drop_if": [{"field": "a", "op": "in", "value": 3}]}}, "record.drop_if.0.value"),
+        ({"record": {"drop_if": [{"field": "a", "op": "not_in", "value": "testing"}]}}, "record.drop_if.0.value"),
+        ({"record": {"drop_if": [{"field": "a", "op": "in"}]}}, "record.drop_if.0.value"),
         ({"delivery": "at_most_once"}, "delivery"),
         ({"source": {"type": "kafka"}}, "source"),
     ],
@@ -204,6 +234,43 @@ def test_bad_drift_detector_spec_names_its_key():
     with pytest.raises(ConfigError) as e:
         load_settings(data={"monitor": {"drift": concept_drift({"drift.Nope": {}})}}, env={})
     assert e.value.key.startswith("monitor.drift.") and e.value.key.endswith("detector.drift.Nope")
+
+
+def test_an_empty_hmac_key_from_the_environment_is_refused():
+    with pytest.raises(ConfigError) as e:
+        load_settings(data={}, env={"WORKER__CHECKPOINT__HMAC_KEY": ""})
+    assert e.value.key == "checkpoint.hmac_key" and "empty" in str(e.value)
+
+
+def test_a_kafka_checkpoint_store_needs_the_kafka_source_and_a_file_store_an_absolute_path():
+    assert load_settings(data={"source": KAFKA, "checkpoint": {"store": "kafka://snapshots"}}, env={})
+    assert load_settings(data={"checkpoint": {"store": "file:///var/lib/worker"}}, env={})
+    with pytest.raises(ConfigError, match="source.type: kafka") as e:
+        load_settings(data={"checkpoint": {"store": "kafka://snapshots"}}, env={})
+    assert e.value.key == "checkpoint.store"
+
+
+@pytest.mark.parametrize(
+    ("task", "spec", "fragment"),
+    [
+        ("classification", {"linear_model.LogisticRegression": {}}, "not a river drift detector"),
+        ("classification", {"preprocessing.StandardScaler": {}}, "not a river drift detector"),
+        ("regression", {"drift.binary.DDM": {}}, "classification only"),
+        ("regression", {"drift.binary.HDDMA": {}}, "classification only"),
+    ],
+)
+def test_a_concept_detector_must_be_a_drift_detector_fit_for_the_task(task, spec, fragment):
+    pipeline = [{"linear_model.LinearRegression" if task == "regression" else "linear_model.LogisticRegression": {}}]
+    with pytest.raises(ConfigError, match=fragment) as e:
+        load_settings(data={"model": {"task": task, "pipeline": pipeline}, "monitor": {"drift": concept_drift(spec)}},
+                      env={})
+    assert e.value.key == "monitor.drift.concept.detector"
+
+
+@pytest.mark.parametrize("spec", [{"drift.binary.DDM": {}}, {"drift.binary.EDDM": {}}, {"drift.binary.HDDMW": {}},
+                                  {"drift.binary.FHDDM": {}}, {"drift.KSWIN": {"seed": 1}}, {"drift.NoDrift": {}}])
+def test_river_drift_detectors_are_accepted_for_classification(spec):
+    assert load_settings(data={"monitor": {"drift": concept_drift(spec)}}, env={}).monitor.drift.concept.detector == spec
 
 
 def test_several_errors_are_all_reported():
@@ -263,6 +330,9 @@ PIPELINES = {
 }
 
 
+OPS = ["eq", "ne", "lt", "le", "gt", "ge", "in", "not_in", "missing", "present"]
+
+
 @st.composite
 def valid_settings(draw) -> dict:
     task = draw(st.sampled_from(sorted(PIPELINES)))
@@ -279,11 +349,11 @@ def valid_settings(draw) -> dict:
             "target": draw(opt(paths)),
             "timestamp": draw(opt(paths)),
             "missing": draw(st.sampled_from(["auto", "keep", "drop"])),
-            "drop_if": draw(st.lists(st.fixed_dictionaries({
+            "drop_if": draw(st.lists(st.sampled_from(OPS).flatmap(lambda op: st.fixed_dictionaries({
                 "field": paths,
-                "op": st.sampled_from(["eq", "ne", "lt", "le", "gt", "ge", "in", "not_in", "missing", "present"]),
-                "value": scalars | st.lists(scalars, max_size=3),
-            }), max_size=3)),
+                "op": st.just(op),
+                "value": st.lists(scalars, max_size=3) if op in ("in", "not_in") else scalars | st.lists(scalars, max_size=3),
+            })), max_size=3)),
         },
         "model": {"task": task, "pipeline": draw(st.sampled_from(PIPELINES[task])), "proba": draw(st.booleans()),
                   "anomaly_threshold": draw(opt(st.floats(allow_nan=False)))},

@@ -8,12 +8,13 @@ import signal
 
 import orjson
 import pytest
-from river import datasets
+from river import datasets, linear_model
 
 from worker.checkpoint import FileStore
 from worker.config import load_settings
-from worker.learner import InlineLearners, LearnerConfig, LearnerError, ProcessLearners
+from worker.learner import InlineLearners, Learner, LearnerConfig, LearnerError, ProcessLearners
 from worker.learning import Engine
+from worker.policies import Challenger
 from worker.runtime import Runtime
 from worker.state import ShardState, join_learner, loads_snapshot
 from worker.transports.file import FileSink, FileSource
@@ -153,6 +154,32 @@ def test_outputs_and_snapshots_do_not_depend_on_where_the_model_learns(tmp_path,
             assert st.quality.report() == ref.state.quality.report()
             assert st.data_drift.statistics() == ref.state.data_drift.statistics()
             assert st.concept.detector.total == ref.state.concept.detector.total
+
+
+class Fragile(linear_model.LogisticRegression):
+    """A model that cannot learn a record with a feature ``boom`` (as a fresh tree overflowing on ±1e308)."""
+
+    def learn_one(self, x, y):
+        if "boom" in x:
+            raise OverflowError("math range error")
+        super().learn_one(x, y)
+
+
+def test_a_challenger_that_fails_on_a_record_is_discarded_and_the_champion_goes_on():
+    s = settings(pipeline=LINEAR, drift={"concept": {"policy": "challenger"}})
+    config = LearnerConfig(s)
+    state = ShardState(shard="s", model=config.new_model(), concept=config.new_concept_detector())
+    state.challenger = Challenger(Fragile(), "classification", 0, s.monitor.drift.challenger)
+    learner = Learner(config, state)
+    xs = [{"a": 1.0}, {"a": 2.0, "boom": 1.0}, {"a": 3.0}]
+    result = learner.learn(xs, [True, False, True], ["r0", "r1", "r2"], [10, 11, 12], None)
+    assert result.errors is None and len(result.preds) == 3  # the champion predicted and learned every record
+    assert state.challenger is None and result.challenger is None
+    (event,) = result.events
+    assert event["event"] == "challenger_discarded" and event["reason"] == "model_error"
+    assert event["detail"] == "OverflowError: math range error"
+    assert (event["record_id"], event["position"], event["challenger_records"], event["model_version"]) == ("r1", 11, 1, 1)
+    assert state.model.predict_proba_one({"a": 3.0}) != config.new_model().predict_proba_one({"a": 3.0})
 
 
 def test_a_dead_learner_process_is_an_error_not_a_hang():
