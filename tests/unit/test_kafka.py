@@ -398,6 +398,33 @@ def test_an_output_too_large_for_the_producer_becomes_a_short_dead_letter(mock_c
     sink.close()
 
 
+def test_callbacks_after_a_failed_one_set_up_assigned_shards_and_commit_nothing_for_revoked_ones():
+    """A revoke that raised (its commit failed) and a later assignment in the same poll: the new
+    shards must still reach the runtime (the rewind then covers them), and a revoke must not commit."""
+    from worker.monitoring.telemetry import Telemetry
+
+    calls: list = []
+
+    class Listener:
+        def on_assign(self, shards):
+            calls.append(("assign", shards))
+
+        def on_revoke(self, shards):
+            calls.append(("revoke", shards))
+            raise Rewind("injected: the commit at the revoke failed")
+
+        def on_lost(self, shards):
+            calls.append(("lost", shards))
+
+    source = KafkaSource({}, ["in"], Telemetry())
+    source._listener = Listener()
+    source._run_listener("on_revoke", [TopicPartition("in", 0)])
+    source._run_listener("on_assign", [TopicPartition("in", 1)])
+    source._run_listener("on_revoke", [TopicPartition("in", 2)])
+    assert calls == [("revoke", ["in-0"]), ("assign", ["in-1"]), ("lost", ["in-2"])]
+    assert str(source._callback_error) == "injected: the commit at the revoke failed"  # the first one is raised
+
+
 def test_a_lost_asynchronous_commit_is_sent_again(mock_cluster):
     sink, source = _alo_sink(mock_cluster)
     sink.publish(Outputs(predictions=[(None, b"a1")]))

@@ -129,14 +129,20 @@ class KafkaSource:
 
     # -- assignment ----------------------------------------------------------------------
     def _run_listener(self, method: str, partitions: list[TopicPartition]) -> list[str]:
+        """Serve an assignment callback to the runtime. With the failure of an earlier callback
+        still to be raised (a rewind follows), assigned shards are set up all the same, so that
+        the rewind covers them, and revoked ones are forgotten as lost: nothing is committed."""
         names = [shard_name(tp.topic, tp.partition) for tp in partitions]
-        if not names or self._listener is None or self._callback_error is not None:
+        if not names or self._listener is None:
             return names
+        if self._callback_error is not None and method == "on_revoke":
+            method = "on_lost"
         self._in_callback = True
         try:
             getattr(self._listener, method)(names)
         except BaseException as exc:  # re-raised by poll(), outside librdkafka's callback
-            self._callback_error = exc
+            if self._callback_error is None:
+                self._callback_error = exc
         finally:
             self._in_callback = False
         return names
