@@ -578,6 +578,15 @@ class ProcessLearners:
         return payload
 
     def _died(self) -> LearnerError:
+        """The child is gone: its own account of why, if it sent one before exiting."""
+        try:
+            while self._conn.poll(0):  # (replies it sent before the error come first)
+                kind, payload = pickle.loads(self._conn.recv_bytes())
+                if kind == "error":
+                    self._proc.join(1.0)
+                    return LearnerError(f"the learner process failed:\n{payload}")
+        except (EOFError, OSError, pickle.UnpicklingError):
+            pass
         self._proc.join(1.0)
         return LearnerError(f"the learner process died (exit code {self._proc.exitcode})")
 

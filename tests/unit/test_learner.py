@@ -205,6 +205,17 @@ def test_a_failing_learner_process_reports_its_traceback():
     host.close()
 
 
+def test_a_learner_process_that_failed_while_the_worker_sent_more_reports_its_traceback():
+    """The usual pattern with polls in flight: the next request is sent after the child failed."""
+    host = ProcessLearners(LearnerConfig(settings(pipeline=LINEAR)))
+    host.submit([("nobody", [{"a": 1.0}], [1], [0], [0], None)])  # no learner for this shard
+    host._proc.join(30)  # it failed and exited
+    with pytest.raises(LearnerError, match="KeyError"):
+        for _ in range(100):  # (the pipe takes a write or two before it tells that the reader is gone)
+            host.submit([("nobody", [{"a": 1.0}], [1], [1], [1], None)])
+    host.close()
+
+
 def test_the_learner_process_ignores_sigterm_and_leaves_when_the_pipe_closes():
     host = ProcessLearners(LearnerConfig(settings(pipeline=LINEAR)))
     os.kill(host._proc.pid, signal.SIGTERM)  # what a terminal or a container runtime may send the group
