@@ -60,7 +60,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     server = None
     try:
         if settings.telemetry.port is not None:
-            server = TelemetryServer(telemetry, settings.telemetry.host, settings.telemetry.port).start()
+            try:
+                server = TelemetryServer(telemetry, settings.telemetry.host, settings.telemetry.port).start()
+            except OSError as exc:  # in use, or a host that is not this machine's
+                raise ConfigError("telemetry.port", f"cannot listen on {settings.telemetry.host}:"
+                                  f"{settings.telemetry.port}: {exc} (telemetry.host / telemetry.port)") from exc
             log.info("telemetry listening", extra={"port": server.port})
         engine = Engine(settings, telemetry)
         store = open_store(settings.checkpoint.store, settings) if settings.checkpoint.store else None
@@ -200,26 +204,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", help="write the snapshot for this shard instead of the warm-start one")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("demo", help="run the worker on a generated drifting stream (embedded default)")
-    p.add_argument("--records", type=int, default=20000)
-    p.add_argument("--change-at", type=int, default=10000)
+    p.add_argument("--records", type=_positive, default=20000)
+    p.add_argument("--change-at", type=_count, default=10000)
     p.add_argument("--port", type=int, default=0, help="Prometheus port (0 = any free port)")
     p.add_argument("--transport", choices=["kafka", "file"], default="kafka",
                    help="kafka: an embedded broker (tansu), a feeder and the worker (default); file: no broker")
-    p.add_argument("--rate", type=float, default=4000.0, help="kafka: records per second fed")
+    p.add_argument("--rate", type=_rate, default=4000.0, help="kafka: records per second fed")
     p.add_argument("--bootstrap", help="kafka: use this broker instead of starting tansu")
     p.add_argument("--timeout", type=float, default=180.0, help="kafka: stop after this many seconds at most")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("produce", help="feed a river synthetic stream (Agrawal with a concept change) to a topic")
     p.add_argument("--bootstrap", "-b", required=True)
     p.add_argument("--topic", "-t", required=True)
-    p.add_argument("--records", "-n", type=int, default=20000)
-    p.add_argument("--rate", type=float, default=None, help="records per second (default: as fast as possible)")
-    p.add_argument("--partitions", type=int, default=0, help="create the topic with this many partitions if missing")
-    p.add_argument("--keys", type=int, default=100, help="distinct record keys (k0, k1, ...); 0 = no key")
-    p.add_argument("--drift-at", type=int, default=None, help="concept change position (default: half-way)")
+    p.add_argument("--records", "-n", type=_positive, default=20000)
+    p.add_argument("--rate", type=_rate, default=None, help="records per second (default: as fast as possible)")
+    p.add_argument("--partitions", type=_count, default=0, help="create the topic with this many partitions if missing")
+    p.add_argument("--keys", type=_count, default=100, help="distinct record keys (k0, k1, ...); 0 = no key")
+    p.add_argument("--drift-at", type=_count, default=None, help="concept change position (default: half-way)")
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=cmd_produce)
     return parser
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

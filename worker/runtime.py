@@ -351,6 +351,20 @@ class Runtime:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
 
+    def _close(self) -> Exception | None:
+        """Close source, sink, learners and store, each even if one before failed; the first failure."""
+        first = None
+        for close in (self.source.close, self.sink.close, self.learners.close,
+                      self.store.close if self.store is not None else None):
+            if close is None:
+                continue
+            try:
+                close()
+            except Exception as exc:  # noqa: BLE001 - logged here, raised by run() when nothing else was
+                log.error("closing failed: %s", exc)
+                first = first or exc
+        return first
+
     def run(self) -> int:
         """Run until the source is exhausted or stop() is called; returns an exit code."""
         settings = self.engine.settings
@@ -384,11 +398,9 @@ class Runtime:
             raise
         finally:
             tel.set_ready(False)
-            self.source.close()
-            self.sink.close()
-            self.learners.close()
-            if self.store is not None:
-                self.store.close()
+            close_error = self._close()  # (the loop's own error, if any, is the one raised)
+        if close_error is not None:
+            raise close_error
         log.info(
             "worker stopped",
             extra={"records": self.records, "seconds": round(time.monotonic() - started, 3), "shards": len(self.shards)},

@@ -424,3 +424,28 @@ def test_junk_environment_raises_only_config_error(env):
         load_settings(data={}, env=env)
     except ConfigError:
         pass
+
+
+def test_a_telemetry_port_in_use_stops_start_up_naming_the_key(tmp_path, capsys):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"x": {"a": 1.0}, "y": 1}\n')
+    cfg = write(tmp_path, f"source: {{type: file, file: {{path: {data}}}}}\n"
+                          f"telemetry: {{host: 127.0.0.1, port: {taken.getsockname()[1]}}}\nlearner: inline\n")
+    try:
+        assert main(["run", "--config", str(cfg)]) == 2
+    finally:
+        taken.close()
+    assert "telemetry.port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["produce", "-b", "x:1", "-t", "t", "-n", "-5"], ["demo", "--records", "0"],
+                                  ["produce", "-b", "x:1", "-t", "t", "--rate", "0"]])
+def test_counts_and_rates_on_the_command_line_are_checked(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "must be" in capsys.readouterr().err

@@ -163,8 +163,14 @@ class FileSink:
                 f.seek(size)
 
     def close(self) -> None:
+        failed = None
         for p, f in self._files.items():
-            f.flush()
-            if p != "-":
-                f.close()
+            try:
+                f.flush()
+                if p != "-":
+                    f.close()
+            except OSError as exc:  # (a full disk): the other files are closed all the same
+                failed = failed or SinkError(f"cannot write outputs to {p}: {exc}")
         self._files = {}
+        if failed is not None:
+            raise failed

@@ -61,3 +61,33 @@ def test_sink_restore_cuts_outputs_back_to_the_snapshot(tmp_path):
     sink.publish(Outputs(predictions=[(None, b"p3-again")]))
     sink.close()
     assert (tmp_path / "p.jsonl").read_bytes() == b"p1\np2\nd1\np3-again\n"
+
+
+def test_a_full_disk_at_the_close_is_a_sink_error_and_every_close_still_runs(tmp_path):
+    """/dev/full takes writes into the buffer and refuses the flush (ENOSPC), as a full disk does."""
+    import pytest
+
+    from worker.config import load_settings
+    from worker.errors import SinkError
+    from worker.learning import Engine
+    from worker.runtime import Runtime
+
+    data = tmp_path / "in.jsonl"
+    data.write_bytes(b'{"x": {"a": 1.0}, "y": 1}\n' * 10)
+    settings = load_settings(data={"learner": "inline", "telemetry": {"port": None}}, env={})
+    closed = []
+
+    class Store:  # (a snapshot store that only says whether it was closed)
+        def load(self, shard):
+            return None
+
+        def save(self, shard, blob):
+            pass
+
+        def close(self):
+            closed.append("store")
+
+    runtime = Runtime(Engine(settings), FileSource(str(data)), FileSink({"predictions": "/dev/full"}), Store())
+    with pytest.raises(SinkError, match="No space left"):  # (the commit meets it first; the close logs its own)
+        runtime.run()
+    assert closed == ["store"]
