@@ -450,6 +450,26 @@ def test_kafka_store_chunks_and_never_loads_a_torn_set(mock_cluster):
     reader.close()
 
 
+@pytest.mark.parametrize("manifest", [b"not json", b'{"id": "x"}', b'{"id": "x", "chunks": "many", "length": 1, "sha256": ""}'])
+def test_an_unreadable_kafka_store_manifest_is_a_store_error(mock_cluster, manifest):
+    from worker.errors import CheckpointStoreError
+
+    topic = f"state-bad-{len(manifest)}"
+    store = KafkaStore(topic, mock_cluster, prefix="g", conf=QUIET, create=False)
+    store.log.append([(b"g/in-0", manifest)])
+    with pytest.raises(CheckpointStoreError, match="manifest of shard in-0"):
+        store.load("in-0")
+    store.close()
+
+
+def test_creating_topics_on_a_broker_that_does_not_answer_is_a_transport_error():
+    from worker.errors import TransportError
+    from worker.transports.kafka import create_topics
+
+    with pytest.raises(TransportError, match="cannot create topics"):
+        create_topics("127.0.0.1:9", ["t"], timeout=1.0, conf=QUIET)
+
+
 # -- the runtime's abort path, with in-memory stand-ins ----------------------------------------
 class ListSource:
     """Two shards of labelled records, one batch of ``size`` per poll, seekable."""

@@ -44,7 +44,7 @@ class KafkaStore:
         self.chunk_bytes = chunk_bytes
         try:
             if create:
-                create_topics(bootstrap_servers, [topic], partitions=1, config={"cleanup.policy": "compact"})
+                create_topics(bootstrap_servers, [topic], partitions=1, config={"cleanup.policy": "compact"}, conf=conf)
             self.log = CompactedLog(bootstrap_servers, topic, conf)
         except TransportError as exc:
             raise CheckpointStoreError(f"checkpoint topic {topic}: {exc}") from exc
@@ -71,12 +71,16 @@ class KafkaStore:
         raw = self.entries.get(self._manifest_key(shard))
         if raw is None:
             return None
-        manifest = orjson.loads(raw)
-        parts = [self.entries.get(self._chunk_key(shard, manifest["id"], i)) for i in range(manifest["chunks"])]
+        try:
+            manifest = orjson.loads(raw)
+            parts = [self.entries.get(self._chunk_key(shard, manifest["id"], i)) for i in range(int(manifest["chunks"]))]
+            length, sha256 = manifest["length"], manifest["sha256"]
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointStoreError(f"the manifest of shard {shard} in {self.topic} is unreadable: {exc!r}") from exc
         if any(p is None for p in parts):
             raise CheckpointStoreError(f"snapshot {manifest['id']} of shard {shard} in {self.topic} lacks chunks")
         blob = b"".join(parts)  # type: ignore[arg-type]
-        if len(blob) != manifest["length"] or hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
+        if len(blob) != length or hashlib.sha256(blob).hexdigest() != sha256:
             raise CheckpointStoreError(f"snapshot {manifest['id']} of shard {shard} in {self.topic} is corrupt")
         return blob
 

@@ -750,36 +750,44 @@ def admin(bootstrap: str, **conf: Any) -> AdminClient:
 
 
 def create_topics(
-    bootstrap: str, names: Iterable[str], partitions: int = 1, config: dict | None = None, timeout: float = 30.0
+    bootstrap: str, names: Iterable[str], partitions: int = 1, config: dict | None = None, timeout: float = 30.0,
+    conf: dict | None = None,
 ) -> None:
-    """Create topics (existing ones are left alone) and wait until each has its leaders."""
-    client = admin(bootstrap)
+    """Create topics (existing ones are left alone) and wait until each has its leaders.
+
+    ``config``: the topics' settings (``cleanup.policy``...); ``conf``: the client's (security
+    settings: SASL, TLS). The replication factor is the broker's ``default.replication.factor``.
+    """
+    client = admin(bootstrap, **(conf or {}))
     names = list(names)
-    futures = client.create_topics(
-        [NewTopic(n, num_partitions=partitions, replication_factor=1, config=dict(config or {})) for n in names],
-        operation_timeout=timeout,
-        request_timeout=timeout,
-    )
-    for name, fut in futures.items():
-        try:
-            fut.result(timeout=timeout)
-        except KafkaException as exc:
-            err = _err(exc)
-            if err is None or err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise TransportError(f"cannot create topic {name}: {exc}") from exc
-    deadline = time.monotonic() + timeout
-    pending = set(names)
-    while pending:
-        md = client.list_topics(timeout=5)
-        pending = {
-            n for n in pending
-            if not ((t := md.topics.get(n)) and t.error is None and t.partitions
-                    and all(p.leader >= 0 for p in t.partitions.values()))
-        }
-        if pending and time.monotonic() > deadline:
-            raise TransportError(f"topics {sorted(pending)} have no leader after {timeout}s")
-        if pending:
-            time.sleep(0.1)
+    try:
+        futures = client.create_topics(
+            [NewTopic(n, num_partitions=partitions, replication_factor=-1, config=dict(config or {})) for n in names],
+            operation_timeout=timeout,
+            request_timeout=timeout,
+        )
+        for name, fut in futures.items():
+            try:
+                fut.result(timeout=timeout)
+            except KafkaException as exc:
+                err = _err(exc)
+                if err is None or err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise TransportError(f"cannot create topic {name}: {exc}") from exc
+        deadline = time.monotonic() + timeout
+        pending = set(names)
+        while pending:
+            md = client.list_topics(timeout=5)
+            pending = {
+                n for n in pending
+                if not ((t := md.topics.get(n)) and t.error is None and t.partitions
+                        and all(p.leader >= 0 for p in t.partitions.values()))
+            }
+            if pending and time.monotonic() > deadline:
+                raise TransportError(f"topics {sorted(pending)} have no leader after {timeout}s")
+            if pending:
+                time.sleep(0.1)
+    except (KafkaException, TimeoutError) as exc:  # (concurrent.futures' TimeoutError is this one)
+        raise TransportError(f"cannot create topics {names} on {bootstrap}: {exc or 'timed out'}") from exc
 
 
 def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
