@@ -9,13 +9,16 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import re
+import time
 from pathlib import Path
 
 from worker.errors import CheckpointStoreError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]")
+STALE_SECONDS = 600  #: a temporary snapshot file older than this is a killed writer's
 
 
 class FileStore:
@@ -42,6 +45,7 @@ class FileStore:
     def save(self, shard: str, blob: bytes) -> None:
         final = self.path(shard)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        self._remove_stale(final)
         try:
             with open(tmp, "wb") as f:
                 f.write(blob)
@@ -56,6 +60,17 @@ class FileStore:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise CheckpointStoreError(f"cannot write snapshot {final}: {exc}") from exc
+
+    def _remove_stale(self, final: Path) -> None:
+        """Temporary files of this shard left by a writer killed mid-save (they can be as large
+        as the model). Only old ones: on a shared directory another replica may be writing one."""
+        cutoff = time.time() - STALE_SECONDS
+        for old in self.directory.glob(f".{glob.escape(final.name)}.*.tmp"):
+            try:
+                if old.stat().st_mtime < cutoff:
+                    old.unlink()
+            except OSError:
+                pass
 
     def close(self) -> None:
         return None

@@ -72,3 +72,20 @@ def test_open_store(tmp_path):
     with pytest.raises(ConfigError) as e:
         open_store("s3://bucket")
     assert e.value.key == "checkpoint.store"
+
+
+def test_temporary_files_of_killed_writers_are_removed_once_old(tmp_path):
+    import time
+
+    store = FileStore(tmp_path)
+    stale = tmp_path / ".in-0.snapshot.999999.tmp"  # a writer killed mid-save
+    recent = tmp_path / ".in-0.snapshot.999998.tmp"  # maybe another replica's, writing now
+    other = tmp_path / ".in-1.snapshot.999999.tmp"  # another shard's: its own save cleans it
+    for p in (stale, recent, other):
+        p.write_bytes(b"partial")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    store.save("in-0", b"state")
+    assert not stale.exists() and recent.exists() and other.exists()
+    assert store.load("in-0") == b"state"
