@@ -102,6 +102,7 @@ class Runtime:
         self._fenced_in_row = 0  # fences since the last commit known to have succeeded
         self._commit_started = False  # the last commit did not wait: it may still fail
         self._failed = False  # the loop died: a last revoke (at the source's close) must commit nothing
+        self._snapshotted: dict[str, int] = {}  # the position of each shard's last drained snapshot
         self.records = 0
 
     # -- assignment listener -------------------------------------------------------------
@@ -143,8 +144,9 @@ class Runtime:
                 self._forget(owned)
                 self._rewind_pending = True
                 raise
-            for name in owned:
-                self._snapshot(name)
+            for name in owned:  # (not again when nothing came since the last one: the stop's checkpoint)
+                if self._snapshotted.get(name) != self.shards[name].state.position:
+                    self._snapshot(name)
         self._forget(owned)
 
     def on_lost(self, shards: list[str]) -> None:
@@ -180,6 +182,7 @@ class Runtime:
             if self.shards.pop(name, None) is not None:
                 self.learners.drop(name)
             self.publish_from.pop(name, None)
+            self._snapshotted.pop(name, None)
             self.engine.telemetry.forget_shard(name)
         self.engine.telemetry.shards.set(len(self.shards))
 
@@ -207,6 +210,7 @@ class Runtime:
         state.extra["sink"] = self.sink.checkpoint_state(name)
         fields = self.engine.learner.fields
         self._save(name, lambda: dumps_snapshot(state, self.engine.spec, self.hmac_key, self.learners.dump(name), fields))
+        self._snapshotted[name] = state.position
 
     def _save(self, name: str, make: Any) -> None:
         tel = self.engine.telemetry

@@ -582,6 +582,24 @@ class _FailingStore(FileStore):
         super().save(shard, blob)
 
 
+def test_the_revoke_at_the_close_does_not_snapshot_again_what_the_stop_just_did(tmp_path):
+    """A stop checkpoints every shard, then leaving the group revokes them: one snapshot each, not two."""
+    saves: list = []
+
+    class Store(FileStore):
+        def save(self, shard, blob) -> None:
+            saves.append(shard)
+            super().save(shard, blob)
+
+    settings = load_settings(data={"checkpoint": {"store": f"file://{tmp_path}", "every_records": 10**6},
+                                   "telemetry": {"port": None}}, env={})
+    source = _RevokingAtClose(100)
+    sink = TxnSink(source)
+    sink.commits = 100
+    assert Runtime(Engine(settings), source, sink, Store(tmp_path)).run() == 0
+    assert sorted(saves) == ["s0", "s0", "s1", "s1"]  # at the assignment, at the stop
+
+
 def test_a_loop_that_died_commits_nothing_at_the_last_revoke(tmp_path, late_learners):
     """A snapshot between polls fails after its poll was collected and before it was published:
     the revoke at the source's close must not commit past that unpublished poll."""
