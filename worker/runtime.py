@@ -52,7 +52,7 @@ from worker.errors import FencedError, SnapshotError
 from worker.learner import InlineLearners, ProcessLearners, open_learners
 from worker.learning import Engine, Pending, Shard
 from worker.records import Outputs
-from worker.state import dumps_parts, dumps_snapshot, loads_snapshot, pickle_monitor
+from worker.state import ShardState, dumps_parts, dumps_snapshot, loads_snapshot, pickle_monitor
 from worker.transports.base import Rewind, Sink, Source
 
 log = logging.getLogger("worker.runtime")
@@ -103,12 +103,15 @@ class Runtime:
         self._commit_started = False  # the last commit did not wait: it may still fail
         self._failed = False  # the loop died: a last revoke (at the source's close) must commit nothing
         self._snapshotted: dict[str, int] = {}  # the position of each shard's last drained snapshot
+        self._identity = getattr(source, "identity", None)  # what a snapshot keeps of its source (file: path, first line)
         self.records = 0
 
     # -- assignment listener -------------------------------------------------------------
     def on_assign(self, shards: list[str]) -> None:
         for name in shards:
             state, own = self._restore(name)
+            if own and self._identity is not None:
+                self._check_identity(name, state)
             shard = self.engine.shard(name, state)
             self.shards[name] = shard
             self.learners.load(shard.state, fresh=state is None)
@@ -130,6 +133,18 @@ class Runtime:
             )
         self.engine.telemetry.shards.set(len(self.shards))
         self.engine.telemetry.set_ready(True)
+
+    def _check_identity(self, name: str, state: ShardState) -> None:
+        """Refuse a snapshot taken on another source under the same shard name (a file of the
+        same name elsewhere, or this one rewritten): resuming at its position would skip records."""
+        taken, now = state.extra.get("source"), self._identity(name)
+        if taken and taken.get("first_line_sha256") and now.get("first_line_sha256") \
+                and taken["first_line_sha256"] != now["first_line_sha256"]:
+            raise SnapshotError(
+                f"the snapshot of shard {name} was taken reading {taken.get('path')}, whose first line differs "
+                f"from {now.get('path')}'s: another file, or this one rewritten. Resuming would skip its first "
+                f"{state.position} records; use another checkpoint store, or delete the snapshot"
+            )
 
     def on_revoke(self, shards: list[str]) -> None:
         owned = [s for s in shards if s in self.shards]
@@ -207,10 +222,16 @@ class Runtime:
         if self.store is None:
             return
         state = self.shards[name].state
-        state.extra["sink"] = self.sink.checkpoint_state(name)
+        self._stamp(name, state)
         fields = self.engine.learner.fields
         self._save(name, lambda: dumps_snapshot(state, self.engine.spec, self.hmac_key, self.learners.dump(name), fields))
         self._snapshotted[name] = state.position
+
+    def _stamp(self, name: str, state: ShardState) -> None:
+        """The transport's part of a snapshot: the sink's state, and what identifies the source."""
+        state.extra["sink"] = self.sink.checkpoint_state(name)
+        if self._identity is not None:
+            state.extra["source"] = self._identity(name)
 
     def _save(self, name: str, make: Any) -> None:
         tel = self.engine.telemetry
@@ -256,7 +277,7 @@ class Runtime:
         parts = {}
         for name, shard in self.shards.items():
             state = shard.state
-            state.extra["sink"] = self.sink.checkpoint_state(name)
+            self._stamp(name, state)
             parts[name] = (state.position, pickle_monitor(state, fields))
         self._parts = parts
 

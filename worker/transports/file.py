@@ -16,6 +16,7 @@ from there: every record is learned once and every output line appears once.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import sys
@@ -60,6 +61,19 @@ class FileSource:
         self._position = 0
         self._partial = b""
         self._eof = False
+
+    def identity(self, shard: str) -> dict:
+        """What a snapshot keeps of the file it was taken on: its path and a hash of its first line
+        (appending does not change it; another file, or this one rewritten, does)."""
+        first = None
+        if self.path != "-":
+            try:
+                with open(self.path, "rb") as f:
+                    line = f.readline(1 << 20)
+                first = hashlib.sha256(line).hexdigest() if line.endswith(b"\n") else None
+            except OSError:
+                pass
+        return {"path": os.path.abspath(self.path) if self.path != "-" else "-", "first_line_sha256": first}
 
     def seek(self, shard: str, position: int) -> None:
         """Skip to line ``position`` (reopening the file when going back)."""

@@ -91,3 +91,34 @@ def test_a_full_disk_at_the_close_is_a_sink_error_and_every_close_still_runs(tmp
     with pytest.raises(SinkError, match="No space left"):  # (the commit meets it first; the close logs its own)
         runtime.run()
     assert closed == ["store"]
+
+
+def test_a_snapshot_of_another_file_of_the_same_name_is_refused_not_resumed(tmp_path):
+    """Resuming at its position would skip that many records of a file it never read."""
+    import pytest
+
+    from worker.checkpoint import FileStore
+    from worker.config import load_settings
+    from worker.errors import SnapshotError
+    from worker.learning import Engine
+    from worker.runtime import Runtime
+
+    def run(data):
+        settings = load_settings(data={"learner": "inline", "telemetry": {"port": None}}, env={})
+        out = tmp_path / "out" / data.parent.name
+        sink = FileSink({"predictions": str(out / "p.jsonl")})
+        Runtime(Engine(settings), FileSource(str(data)), sink, FileStore(tmp_path / "state")).run()
+        return (out / "p.jsonl").read_bytes().count(b"\n")
+
+    def write(folder, lines):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        path = tmp_path / folder / "events.jsonl"
+        path.write_bytes(b"".join(b'{"id": %d, "x": {"a": %d.0}, "y": 1}\n' % (i, i % 5) for i in lines))
+        return path
+
+    first = write("d1", range(50))
+    assert run(first) == 50
+    with pytest.raises(SnapshotError, match="first line differs"):
+        run(write("d2", range(100, 130)))
+    moved = write("d3", range(60))  # the same file, moved and grown: resumes at 50
+    assert run(moved) == 10
