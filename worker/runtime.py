@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
 import threading
 import time
@@ -370,11 +371,23 @@ class Runtime:
         self._publish_ready(drain=True)
 
     def stop(self, *_: Any) -> None:
+        """Finish the batch, commit, snapshot and leave; ``/readyz`` says so at once."""
         self._stop.set()
+        self.engine.telemetry.set_ready(False)
+
+    def _signalled(self, signum: int, frame: Any) -> None:
+        if not self._stop.is_set():
+            self.stop()
+            return
+        # A second signal: whatever the clean stop waits for (a learner that does not answer,
+        # a broker), the operator wants out now. Outputs since the last commit are not
+        # committed: the restart replays them (see docs/operations.md).
+        log.error("second %s during the stop: exiting now, without committing", signal.Signals(signum).name)
+        os._exit(1)
 
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGTERM, self._signalled)
+        signal.signal(signal.SIGINT, self._signalled)
 
     def _close(self) -> Exception | None:
         """Close source, sink, learners and store, each even if one before failed; the first failure."""

@@ -6,6 +6,7 @@ Nothing here asserts on time: kills are triggered by observed progress (output g
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -308,3 +309,35 @@ def test_sigterm_exits_0_with_a_final_checkpoint(tmp_path):
     preds = read_jsonl(out)
     assert header.position == len(preds) > 0  # the snapshot reflects exactly what was published
     assert sorted(p["position"] for p in preds) == list(range(len(preds)))
+
+
+def test_a_second_sigterm_ends_a_stop_that_waits_for_a_learner_that_does_not_answer(tmp_path):
+    """The learner process is frozen (SIGSTOP): the clean stop waits for it; a second signal exits 1 at once."""
+    data = records(3000, seed=3)
+    write_stream(tmp_path / "events.jsonl", data)
+    cfg = config(tmp_path, tmp_path / "events.jsonl", source__file__follow=True)
+    proc = start("run", "--config", str(cfg), cwd=tmp_path)
+    out = tmp_path / "out" / "predictions.jsonl"
+    learner = None
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while proc.poll() is None and time.monotonic() < deadline and not (out.exists() and out.stat().st_size > 0):
+            time.sleep(0.02)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        learner = next(int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes())
+        os.kill(learner, signal.SIGSTOP)
+        os.kill(proc.pid, signal.SIGTERM)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=3)  # the clean stop waits for the frozen learner
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        if learner is not None:  # (it holds the other end of the worker's stderr too)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(learner, signal.SIGKILL)
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+    assert code == 1 and "second SIGTERM" in err, err

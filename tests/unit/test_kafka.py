@@ -788,3 +788,13 @@ def test_snapshots_between_polls_are_kept_when_empty_polls_publish_what_is_in_fl
     assert Runtime(engine, source, sink, store, learners=late_learners(engine.learner)).run() == 0
     between = [p for p in store.positions if 0 < p < 400]
     assert len(between) >= 2 * (800 // 120 - 1), f"snapshots between polls were dropped: {store.positions}"
+
+
+def test_a_stop_request_turns_readiness_off_at_once(tmp_path):
+    settings = load_settings(data={"telemetry": {"port": None}, "learner": "inline"}, env={})
+    engine = Engine(settings)
+    source = ListSource(10)
+    runtime = Runtime(engine, source, TxnSink(source), None)
+    engine.telemetry.set_ready(True)
+    runtime.stop()
+    assert not engine.telemetry.is_ready
