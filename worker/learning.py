@@ -25,6 +25,7 @@ in the same order, once per batch.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -53,6 +54,9 @@ class Engine:
         self.task = settings.model.task
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self.spec = spec_hash(settings.model)
+        #: the monitor settings a snapshot's metrics and detectors were built with (not in ``spec``:
+        #: changing them keeps the model, see :meth:`refresh_monitors`)
+        self.monitor_spec = hashlib.sha256(settings.monitor.model_dump_json().encode()).hexdigest()[:16]
         self.learner = LearnerConfig(settings)
         probe = self.learner.new_model()
         missing = settings.record.missing
@@ -70,6 +74,18 @@ class Engine:
             data_drift=_distribution("data", m.drift.data),
             prediction_drift=_distribution("prediction", m.drift.prediction),
         )
+
+    def refresh_monitors(self, state: ShardState) -> bool:
+        """A restored state whose metrics and detectors were built with other monitor settings
+        gets fresh ones from these (its model stays); True if it did."""
+        taken = state.extra.get("monitor")
+        if taken is None or taken == self.monitor_spec:
+            return False
+        fresh = self.new_state(state.shard)
+        state.quality, state.concept = fresh.quality, fresh.concept
+        state.data_drift, state.prediction_drift = fresh.data_drift, fresh.prediction_drift
+        state.extra["monitor"] = self.monitor_spec
+        return True
 
     def shard(self, name: str, state: ShardState | None = None) -> Shard:
         return Shard(self, state if state is not None else self.new_state(name))

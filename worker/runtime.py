@@ -113,6 +113,9 @@ class Runtime:
             state, own = self._restore(name)
             if own and self._identity is not None:
                 self._check_identity(name, state)
+            if own and self.engine.refresh_monitors(state):
+                log.warning("the monitor settings changed since the snapshot: quality metrics and drift "
+                            "detectors start afresh (the model is kept)", extra={"shard": name})
             shard = self.engine.shard(name, state)
             self.shards[name] = shard
             self.learners.load(shard.state, fresh=state is None)
@@ -231,6 +234,7 @@ class Runtime:
     def _stamp(self, name: str, state: ShardState) -> None:
         """The transport's part of a snapshot: the sink's state, and what identifies the source."""
         state.extra["sink"] = self.sink.checkpoint_state(name)
+        state.extra["monitor"] = self.engine.monitor_spec
         if self._identity is not None:
             state.extra["source"] = self._identity(name)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import orjson
+
 from worker.records import Outputs
 from worker.transports.file import FileSink, FileSource, shard_name
 
@@ -122,3 +124,29 @@ def test_a_snapshot_of_another_file_of_the_same_name_is_refused_not_resumed(tmp_
         run(write("d2", range(100, 130)))
     moved = write("d3", range(60))  # the same file, moved and grown: resumes at 50
     assert run(moved) == 10
+
+
+def test_changed_monitor_settings_apply_to_a_restored_shard_whose_model_is_kept(tmp_path):
+    from worker.checkpoint import FileStore
+    from worker.config import load_settings
+    from worker.learning import Engine
+    from worker.runtime import Runtime
+
+    data = tmp_path / "in.jsonl"
+    data.write_bytes(b"".join(b'{"id": %d, "x": {"a": %d.0}, "y": %d}\n' % (i, i % 5, i % 2) for i in range(300)))
+
+    def run(window: int) -> tuple[dict, int]:
+        settings = load_settings(data={"learner": "inline", "telemetry": {"port": None},
+                                       "monitor": {"window": window}}, env={})
+        out = tmp_path / f"metrics-{window}.jsonl"
+        runtime = Runtime(Engine(settings), FileSource(str(data)), FileSink({"metrics": str(out)}),
+                          FileStore(tmp_path / "state"))
+        runtime.run()
+        return orjson.loads(out.read_bytes().splitlines()[-1]), runtime.records
+
+    first, _ = run(1000)
+    assert first["records"] == 300
+    data.write_bytes(data.read_bytes() + b'{"id": 300, "x": {"a": 1.0}, "y": 1}\n' * 20)  # (more records)
+    second, _ = run(10)
+    assert second["records"] == 320  # the same shard, resumed (its model too)
+    assert second["cumulative"]["n"] == 20 and second["rolling"]["n"] == 10  # metrics afresh, on the new window
