@@ -65,15 +65,17 @@ class Engine:
 
     def new_state(self, shard: str) -> ShardState:
         """A fresh state: an untrained model from the spec, empty metrics and detectors."""
+        return ShardState(shard=shard, model=self.learner.new_model(), **self._monitors())
+
+    def _monitors(self) -> dict[str, Any]:
+        """Empty metrics and detectors, from the monitor settings."""
         m = self.settings.monitor
-        return ShardState(
-            shard=shard,
-            model=self.learner.new_model(),
-            quality=quality_for(self.task, m.window),
-            concept=self.learner.new_concept_detector(),
-            data_drift=_distribution("data", m.drift.data),
-            prediction_drift=_distribution("prediction", m.drift.prediction),
-        )
+        return {
+            "quality": quality_for(self.task, m.window),
+            "concept": self.learner.new_concept_detector(),
+            "data_drift": _distribution("data", m.drift.data),
+            "prediction_drift": _distribution("prediction", m.drift.prediction),
+        }
 
     def refresh_monitors(self, state: ShardState) -> bool:
         """A restored state whose metrics and detectors were built with other monitor settings
@@ -81,9 +83,8 @@ class Engine:
         taken = state.extra.get("monitor")
         if taken is None or taken == self.monitor_spec:
             return False
-        fresh = self.new_state(state.shard)
-        state.quality, state.concept = fresh.quality, fresh.concept
-        state.data_drift, state.prediction_drift = fresh.data_drift, fresh.prediction_drift
+        for name, value in self._monitors().items():
+            setattr(state, name, value)
         state.extra["monitor"] = self.monitor_spec
         return True
 
@@ -425,6 +426,5 @@ class Shard:
 
 def _mixed_label(y: Any, expected_string: bool) -> str:
     """The detail of a label whose kind differs from the shard's first label."""
-    got, want = ("a string", "numbers (integers or booleans)") if expected_string is False else ("a number", "strings")
+    got, want = ("a number", "strings") if expected_string else ("a string", "numbers (integers or booleans)")
     return f"the label {y!r} is {got}; this shard's labels are {want} (the first label decides)"
-
