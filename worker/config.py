@@ -67,10 +67,29 @@ class KafkaSourceSettings(_Section):
     )
 
 
+class RabbitMQSourceSettings(_Section):
+    url: SecretStr = Field(description="AMQP URL, e.g. amqp://user:password@host:5672/%2F (a secret: masked).")
+    exchange: str = Field(
+        min_length=1, description="The x-consistent-hash exchange producers publish records to (routing key = record key)."
+    )
+    queue: str | None = Field(None, description="Prefix of the shard queues (default: the exchange's name).")
+    shards: int = Field(4, ge=1, le=1024, description="Shard queues queue.0 .. queue.{shards-1}; one model each.")
+    prefetch: int = Field(
+        15000, ge=1,
+        description="Unacknowledged deliveries per shard queue. With a checkpoint store acks wait for snapshots, "
+        "so it must exceed checkpoint.every_records (plus the records in flight).",
+    )
+    declare: bool = Field(True, description="Declare the exchange, the shard queues and the output queues at start.")
+    commit_every_ms: int = Field(
+        200, ge=1, description="Without a checkpoint store: how often confirmed outputs are acked."
+    )
+
+
 class SourceSettings(_Section):
-    type: Literal["file", "kafka"] = "file"
+    type: Literal["file", "kafka", "rabbitmq"] = "file"
     file: FileSourceSettings | None = None
     kafka: KafkaSourceSettings | None = None
+    rabbitmq: RabbitMQSourceSettings | None = None
 
     def model_post_init(self, __context: Any) -> None:
         if getattr(self, self.type) is None:
@@ -377,7 +396,23 @@ def load_settings(
     store = settings.checkpoint.store
     if store is not None and store.startswith("kafka://") and settings.source.type != "kafka":
         raise ConfigError("checkpoint.store", f"{store!r} needs the Kafka transport (source.type: kafka)")
+    if settings.source.type == "rabbitmq":
+        _check_rabbitmq(settings)
     return settings
+
+
+def _check_rabbitmq(settings: Settings) -> None:
+    if settings.delivery == "exactly_once":
+        raise ConfigError("delivery", "RabbitMQ has no transaction spanning the input and output queues: its outputs "
+                          "are at-least-once (set delivery: at_least_once; with a checkpoint store every model still "
+                          "learns every record exactly once, see docs/rabbitmq.md)")
+    r = settings.source.rabbitmq
+    assert r is not None
+    in_flight = (settings.limits.polls_in_flight + 1) * settings.limits.batch_size
+    if settings.checkpoint.store is not None and r.prefetch <= settings.checkpoint.every_records + in_flight:
+        raise ConfigError("source.rabbitmq.prefetch", f"{r.prefetch} is too small: deliveries are acked after the "
+                          f"snapshot that covers them, so it must exceed checkpoint.every_records "
+                          f"({settings.checkpoint.every_records}) plus the records in flight ({in_flight})")
 
 
 def _check_concept_detector(settings: Settings) -> None:

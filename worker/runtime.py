@@ -91,6 +91,7 @@ class Runtime:
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         self._commit_every: float | None = getattr(sink, "commit_every", None)
+        self._on_snapshot = getattr(sink, "snapshotted", None)  # (RabbitMQ: acks what a durable snapshot covers)
         self._last_commit = time.monotonic()
         # The snapshot waiting for the learners' half: {shard: (position, pickled monitor part)}
         self._parts: dict[str, tuple[int, bytes]] | None = None
@@ -228,7 +229,8 @@ class Runtime:
         state = self.shards[name].state
         self._stamp(name, state)
         fields = self.engine.learner.fields
-        self._save(name, lambda: dumps_snapshot(state, self.engine.spec, self.hmac_key, self.learners.dump(name), fields))
+        self._save(name, state.position,
+                   lambda: dumps_snapshot(state, self.engine.spec, self.hmac_key, self.learners.dump(name), fields))
         self._snapshotted[name] = state.position
 
     def _stamp(self, name: str, state: ShardState) -> None:
@@ -238,7 +240,8 @@ class Runtime:
         if self._identity is not None:
             state.extra["source"] = self._identity(name)
 
-    def _save(self, name: str, make: Any) -> None:
+    def _save(self, name: str, position: int, make: Any) -> None:
+        """Write a shard's snapshot at ``position``; then tell a sink that acts on durable snapshots."""
         tel = self.engine.telemetry
         started = time.perf_counter()
         try:
@@ -251,6 +254,8 @@ class Runtime:
         tel.snapshot_bytes.labels(shard=name).set(len(blob))
         tel.checkpoint_seconds.observe(time.perf_counter() - started)
         tel.last_checkpoint.labels(shard=name).set(time.time())
+        if self._on_snapshot is not None:
+            self._on_snapshot(name, position)
 
     def checkpoint(self) -> None:
         """Finish the polls in flight, commit outputs and positions, then snapshot every shard (in that order)."""
@@ -294,7 +299,8 @@ class Runtime:
             return
         for name, (position, main) in parts.items():
             if name in self.shards and name in dumps:
-                self._save(name, lambda: dumps_parts(name, position, main, dumps[name], self.engine.spec, self.hmac_key))
+                self._save(name, position,
+                           lambda: dumps_parts(name, position, main, dumps[name], self.engine.spec, self.hmac_key))
 
     def _recover(self, exc: Exception) -> None:
         if isinstance(exc, FencedError):

@@ -24,6 +24,10 @@ def open_transport(settings: Settings, telemetry: Telemetry) -> tuple[Source, Si
             FileSource(src.file.path, src.file.follow, src.file.poll_seconds),
             FileSink(settings.outputs.model_dump()),
         )
+    if src.type == "rabbitmq":
+        from worker.transports.rabbitmq import open_rabbitmq  # noqa: PLC0415
+
+        return open_rabbitmq(settings, telemetry)
     from worker.transports.kafka import open_kafka  # noqa: PLC0415
 
     return open_kafka(settings, telemetry)

@@ -72,3 +72,5 @@ class Sink(Protocol):
 #                               as commit(positions, wait=False): it may leave part of it for a
 #                               later commit instead of blocking (commit() alone always waits)
 #   abort() -> bool          -> drop uncommitted outputs (shards were lost); True if any were dropped
+#   snapshotted(shard, position) -> a snapshot of the shard at position is durable (RabbitMQ acks
+#                               the deliveries below it then)
