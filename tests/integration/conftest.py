@@ -20,9 +20,9 @@ import yaml
 from confluent_kafka import Consumer, KafkaError
 
 try:
-    from tests.brokers import TANSU_CONSUMER_OVERRIDES, ApacheKafka, Tansu, start_or_skip
+    from tests.brokers import TANSU_CONSUMER_OVERRIDES, ApacheKafka, RabbitMQ, Tansu, start_or_skip
 except ImportError:  # pragma: no cover
-    from brokers import TANSU_CONSUMER_OVERRIDES, ApacheKafka, Tansu, start_or_skip
+    from brokers import TANSU_CONSUMER_OVERRIDES, ApacheKafka, RabbitMQ, Tansu, start_or_skip
 
 from worker.config import ModelSettings
 from worker.feeder import feed, synthetic
@@ -47,6 +47,16 @@ def tansu(tmp_path_factory):
     start_or_skip(broker, tmp_path_factory.mktemp("tansu"))
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(tmp_path_factory):
+    """A private RabbitMQ node (own epmd, cookie, ports); ``rabbitmq.url`` is its AMQP URL."""
+    broker = RabbitMQ()
+    start_or_skip(broker, tmp_path_factory.mktemp("rabbitmq"))
+    yield broker
+    broker.stop()
+    broker.cleanup()
 
 
 def name(prefix: str) -> str:
