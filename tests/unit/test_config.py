@@ -449,3 +449,16 @@ def test_counts_and_rates_on_the_command_line_are_checked(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and "must be" in capsys.readouterr().err
+
+
+def test_rabbitmq_refuses_exactly_once_and_a_prefetch_below_the_snapshot_interval(tmp_path):
+    data = yaml.safe_load(f"""
+source: {{type: rabbitmq, rabbitmq: {{url: "amqp://u:secret@127.0.0.1:1/%2F", exchange: ev, prefetch: 5000}}}}
+checkpoint: {{store: "file://{tmp_path}"}}
+""")
+    with pytest.raises(ConfigError) as exc:
+        load_settings(data=data, env={})
+    assert exc.value.key == "delivery"
+    with pytest.raises(ConfigError) as exc:
+        load_settings(data={**data, "delivery": "at_least_once"}, env={})
+    assert exc.value.key == "source.rabbitmq.prefetch"

@@ -150,7 +150,6 @@ class _Queue:
         self.prints.clear()
         self.sent.clear()
         self.receipts.clear()
-        self.dedup = None
 
     def settle(self) -> None:
         """Take the receipts that came: forget the fingerprints below the last applied ack."""
@@ -195,7 +194,8 @@ class _Dedup:
         self.window = window
         self.candidates = [c for c in cuts if 0 <= c < len(window)]
         self.held: list = []
-        self.skipped: list[int] = []  # delivery tags of records dropped (to ack)
+        self.skipped: list[int] = []  # delivery tags of records dropped, not acked yet (the source takes them)
+        self.dropped = 0  # records dropped so far
         self.start: int | None = None  # the cut the queue starts at, once certain
         self.done = not self.candidates
 
@@ -203,9 +203,10 @@ class _Dedup:
         """The deliveries to take normally now (in order) after ``delivery`` arrived."""
         window = self.window
         if self.start is not None:  # certain: drop the rest of the window as it comes
-            if delivery[2] and fp == window[self.start + len(self.skipped)]:
+            if delivery[2] and fp == window[self.start + self.dropped]:
                 self.skipped.append(delivery[1])
-                self.done = self.start + len(self.skipped) == len(window)
+                self.dropped += 1
+                self.done = self.start + self.dropped == len(window)
                 return []
             log.warning("a redelivered record differs from the snapshot's window: taken as new")
             self.done = True
@@ -222,8 +223,9 @@ class _Dedup:
         if len(self.held) >= min(MATCH, len(window) - start):
             self.start = start
             self.skipped = [d[1] for d in self.held]
+            self.dropped = len(self.held)
             self.held = []
-            self.done = start + len(self.skipped) == len(window)
+            self.done = start + self.dropped == len(window)
         return []
 
 
@@ -496,6 +498,7 @@ class RabbitSource:
             if name not in self._assigned:  # the broker made us its active consumer
                 self._assigned.append(name)
                 q.reset(0, self._generation)  # (the restore seeks it to the snapshot's position)
+                q.dedup = None  # (the restore sets the snapshot's window)
                 self._listener.on_assign([name])
             if q.dedup is not None:
                 deliveries = self._dedup(q, deliveries)
