@@ -174,11 +174,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_produce(args: argparse.Namespace) -> int:
     from worker.feeder import feed, synthetic
+
+    if (args.bootstrap is None) == (args.rabbitmq is None):
+        raise ConfigError("produce", "give one of --bootstrap (Kafka) or --rabbitmq (an AMQP URL)")
+    records = synthetic(args.records, seed=args.seed, drift_at=args.drift_at, keys=args.keys)
+    if args.rabbitmq is not None:
+        from worker.transports.rabbitmq import RecordPublisher, declare_topology, shard_queues
+
+        if args.partitions:
+            declare_topology(args.rabbitmq, args.topic, shard_queues(args.topic, args.partitions), [])
+        sent = feed("", args.topic, records, rate=args.rate, producer=RecordPublisher(args.rabbitmq))
+        print(f"published {sent} records to exchange {args.topic}", file=sys.stderr)
+        return 0
     from worker.transports.kafka import create_topics
 
     if args.partitions:
         create_topics(args.bootstrap, [args.topic], partitions=args.partitions)
-    records = synthetic(args.records, seed=args.seed, drift_at=args.drift_at, keys=args.keys)
     sent = feed(args.bootstrap, args.topic, records, rate=args.rate)
     print(f"produced {sent} records to {args.topic}", file=sys.stderr)
     return 0
@@ -213,12 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", help="kafka: use this broker instead of starting tansu")
     p.add_argument("--timeout", type=float, default=180.0, help="kafka: stop after this many seconds at most")
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("produce", help="feed a river synthetic stream (Agrawal with a concept change) to a topic")
-    p.add_argument("--bootstrap", "-b", required=True)
-    p.add_argument("--topic", "-t", required=True)
+    p = sub.add_parser("produce", help="feed a river synthetic stream (Agrawal with a concept change) to a topic "
+                       "or a RabbitMQ exchange")
+    p.add_argument("--bootstrap", "-b", help="Kafka bootstrap servers")
+    p.add_argument("--rabbitmq", help="an AMQP URL: publish to the exchange --topic (routing key = record key)")
+    p.add_argument("--topic", "-t", required=True, help="Kafka topic, or RabbitMQ exchange with --rabbitmq")
     p.add_argument("--records", "-n", type=_positive, default=20000)
     p.add_argument("--rate", type=_rate, default=None, help="records per second (default: as fast as possible)")
-    p.add_argument("--partitions", type=_count, default=0, help="create the topic with this many partitions if missing")
+    p.add_argument("--partitions", type=_count, default=0, help="create the topic with this many partitions if "
+                   "missing (--rabbitmq: declare the exchange with this many shard queues)")
     p.add_argument("--keys", type=_count, default=100, help="distinct record keys (k0, k1, ...); 0 = no key")
     p.add_argument("--drift-at", type=_count, default=None, help="concept change position (default: half-way)")
     p.add_argument("--seed", type=int, default=42)

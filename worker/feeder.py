@@ -48,22 +48,27 @@ def feed(
     rate: float | None = None,
     partitions: int | None = None,
     stop: object = None,
+    producer: object = None,
 ) -> int:
     """Send records (keyed by ``key`` when present; round-robin over ``partitions`` if given).
 
     ``rate``: records per second (None: as fast as possible). ``stop``: a
-    ``threading.Event``-like object that ends the feed early. Returns the number sent.
+    ``threading.Event``-like object that ends the feed early. ``producer``: send through this
+    one (``send(topic, value, key, partition)``, ``flush()``; e.g. a RabbitMQ
+    :class:`~worker.transports.rabbitmq.RecordPublisher`) instead of a Kafka producer to
+    ``bootstrap``. Returns the number sent.
     """
-    from worker.transports.kafka import RecordProducer
+    if producer is None:
+        from worker.transports.kafka import RecordProducer
 
-    producer = RecordProducer(bootstrap)
+        producer = RecordProducer(bootstrap)
     started = time.monotonic()
     sent = 0
     for rec in records:
         if stop is not None and stop.is_set():  # type: ignore[attr-defined]
             break
         key = rec.get("key")
-        producer.send(
+        producer.send(  # type: ignore[attr-defined]
             topic,
             orjson.dumps(rec),
             key.encode() if key is not None else None,
@@ -74,5 +79,5 @@ def feed(
             ahead = sent / rate - (time.monotonic() - started)
             if ahead > 0:
                 time.sleep(ahead)
-    producer.flush()
+    producer.flush()  # type: ignore[attr-defined]
     return sent

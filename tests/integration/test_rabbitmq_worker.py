@@ -229,6 +229,25 @@ def test_bad_records_become_dead_letters_and_a_broker_restart_is_ridden_out(rabb
     assert sorted(d["reason"] for d in dead) == ["invalid_json", "non_finite_number", "not_an_object"], dead
 
 
+def test_the_feeder_publishes_to_the_exchange_and_the_worker_learns_it(rabbitmq, workers, tmp_path):
+    """`worker produce --rabbitmq` declares the exchange and its shard queues and publishes;
+    a worker started afterwards takes what waits in the queues."""
+    import subprocess
+    import sys
+
+    ex = _exchange()
+    done = subprocess.run([sys.executable, "-m", "worker", "produce", "--rabbitmq", rabbitmq.url, "--topic", ex,
+                           "--partitions", "2", "--records", "800", "--keys", "10"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "published 800 records" in done.stderr
+    w = workers(rabbit_config(rabbitmq, tmp_path, ex)).start()
+    preds = read_queue(rabbitmq.url, f"{ex}-predictions", lambda out: len(out) >= 800)
+    assert w.stop() == 0, w.log()
+    assert sorted(p["id"] for p in preds) == list(range(800))
+    assert {p["key"] for p in preds} == {f"k{i}" for i in range(10)}
+
+
 class _Listener:
     """Stands in for the runtime: restores a shard from ``state`` at ``position``."""
 

@@ -601,6 +601,31 @@ class RabbitSink:
         pass  # the source closes the shared connection
 
 
+class RecordPublisher:
+    """Publishes records to an exchange with confirms, routing key = record key (the feeder's)."""
+
+    def __init__(self, url: str):
+        try:
+            self._conn = pika.BlockingConnection(pika.URLParameters(url))
+            self._channel = self._conn.channel()
+            self._channel.confirm_delivery()
+        except pika.exceptions.AMQPError as exc:
+            raise SourceError(f"cannot connect to RabbitMQ at {_safe(url)}: {exc!r}") from exc
+
+    def send(self, exchange: str, value: bytes, key: bytes | None = None, partition: int | None = None) -> None:
+        try:
+            self._channel.basic_publish(exchange, (key or b"").decode(), value, PERSISTENT)
+        except pika.exceptions.AMQPError as exc:
+            raise SinkError(f"publishing to exchange {exchange!r} failed: {exc!r}") from exc
+
+    def flush(self) -> None:
+        """Every publish was confirmed already (one at a time); closes the connection."""
+        try:
+            self._conn.close()
+        except pika.exceptions.AMQPError:
+            pass
+
+
 def open_rabbitmq(settings: Settings, telemetry: Telemetry) -> tuple[RabbitSource, RabbitSink]:
     r = settings.source.rabbitmq
     assert r is not None
