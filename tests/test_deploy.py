@@ -129,6 +129,11 @@ def test_compose_structure():
     assert services["worker"]["deploy"]["replicas"] == 2
     assert services["worker"]["build"]["dockerfile"] == "deploy/Dockerfile"
     assert services["feeder"]["command"][0] == "produce"
+    from worker.__main__ import build_parser
+
+    for feeder in ("feeder", "feeder-rabbitmq"):  # the commands parse
+        build_parser().parse_args(services[feeder]["command"])
+    assert services["worker-rabbitmq"]["profiles"] == ["rabbitmq"]
     assert "broker,controller" in services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"]
     for svc in services.values():
         for vol in svc.get("volumes", []):
@@ -151,6 +156,7 @@ def test_worker_configs_are_valid():
     from worker.config import load_settings
 
     load_settings(DEPLOY / "config" / "worker.yaml", env={})
+    load_settings(DEPLOY / "config" / "worker-rabbitmq.yaml", env={})
     cm = yaml.safe_load((DEPLOY / "kubernetes" / "configmap.yaml").read_text())
     load_settings(data=yaml.safe_load(cm["data"]["config.yaml"]), env={})
 
