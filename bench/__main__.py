@@ -18,7 +18,12 @@ Sections (``--only`` takes any of them, comma-separated or repeated):
   (the default) and inline (first broker only);
 - ``width``: throughput and RSS against record width, 10 -> 1,000 features;
 - ``model_size``: throughput, RSS and snapshot cost against model size (HalfSpaceTrees of
-  height 6, 9, 12: 10 x 127 to 10 x 8,191 nodes).
+  height 6, 9, 12: 10 x 127 to 10 x 8,191 nodes);
+- ``rabbitmq``: on a RabbitMQ node, a plain asynchronous pika loop (publisher confirms,
+  acks after them) and this worker (1 shard queue, at-least-once, acks after snapshots),
+  each against the plain loop measured right before and after it, and the worker / pika
+  loop ratio (``bench.rabbitmq``). Without RabbitMQ installed its rows say "not measured"
+  (under ``CI=true`` that is an error).
 
 Writes ``bench/results/results.md``, ``results.json`` and ``throughput.png`` (``--out``).
 Headline figures are ratios measured in the same run: the median of ``--repeat``
@@ -39,12 +44,13 @@ from pathlib import Path
 
 from bench import contenders, harness, latency, minibatch, scaling
 from bench import model_size as model_size_bench
+from bench import rabbitmq as rabbitmq_bench
 from bench.common import FAMILIES, REFERENCE_PIPELINE, agrawal, pin_hash_seed, plain_loop, summary, write_jsonl
 from bench.file_transport import worker_run
 from bench.report import write_all
 from bench.width import write_data
 
-SECTIONS = ("limit", "file", "minibatch", "kafka", "latency", "scaling", "width", "model_size")
+SECTIONS = ("limit", "file", "minibatch", "kafka", "latency", "scaling", "width", "model_size", "rabbitmq")
 #: KNN and ARF run ~1,000 records/s: they get fewer records than the others (rates are per record).
 SLOW_FAMILIES = {"KNNClassifier", "ARFClassifier"}
 #: The latency floor is taken at this rate (records/s), besides half the worker's maximum.
@@ -151,6 +157,7 @@ def ensure_quix() -> None:
 
 def versions() -> dict:
     import confluent_kafka
+    import pika
     import river
 
     quix = harness.QUIX_VENV / "bin" / "python"
@@ -161,7 +168,7 @@ def versions() -> dict:
         quix_version = res.stdout.strip() or None
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
     return {"python": platform.python_version(), "river": river.__version__,
-            "confluent_kafka": confluent_kafka.__version__, "quixstreams": quix_version,
+            "confluent_kafka": confluent_kafka.__version__, "pika": pika.__version__, "quixstreams": quix_version,
             "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "load_at_start": load}
 
 
@@ -223,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"== scaling on {name}: 1 vs 2 processes, 4 partitions")
                 results["scaling"] = _scaling(name, bootstrap, consumer_conf, agrawal(2 * n, seed=7), repeat,
                                               idle_stop=0.5 if args.quick else 2.0)
+    if "rabbitmq" in only:
+        log("== RabbitMQ: this worker beside a plain asynchronous pika loop")
+        results["rabbitmq"] = rabbitmq_bench.section(records, values, repeat, log)
+        throughput += results["rabbitmq"]["rows"]
     results["throughput"] = throughput
     results["latency"] = latencies
     if "width" in only:
