@@ -15,7 +15,8 @@ what they cover), the plain loop. Each contender's ratio is taken against the me
 plain loops right before and right after it (see :mod:`bench.contenders`), and the goal's
 figure, worker / pika loop, repetition by repetition. Both are timed from their first
 delivery to the ack that covers the last record (its outputs confirmed by the broker).
-Queues are deleted after each repetition.
+Queues are deleted after each repetition. Before the first, 2,000 records go through the
+fresh node once, untimed (:func:`_warm_up`).
 
 With ``--cpu`` each run also prints where the CPU went in its window: the contender's
 threads (``main``, pika's I/O thread ``rabbitmq-io``), the worker's learner process and the
@@ -45,8 +46,8 @@ CONTENDERS = {
     "pika_loop": "plain asynchronous pika loop (confirms, acks)",
     "worker_rabbitmq": "this worker, RabbitMQ at-least-once (1 shard queue)",
 }
-#: The pika loop's prefetch (unacked deliveries): its acks follow the confirms closely, so
-#: a few hundred suffice; 1,000 was as fast as 300 and 5,000 here (see bench/README.md).
+#: The pika loop's prefetch (unacked deliveries). Its acks follow the confirms closely:
+#: 300 was ~20 % slower here, 1,000, 5,000 and 15,000 as fast as one another (bench/README.md).
 PIKA_PREFETCH = 1000
 #: Fill a queue without waiting for confirms; the queue's depth is awaited instead.
 FILL_TIMEOUT = 120.0
