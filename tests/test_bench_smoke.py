@@ -32,7 +32,8 @@ def test_quick_run_writes_every_result(tmp_path):
     assert [r["family"] for r in results["limit"]] == [
         "StandardScaler|LogisticRegression", "HoeffdingTreeClassifier", "GaussianNB", "KNNClassifier", "ARFClassifier"]
     measured = {(r["broker"], r["contender"]): r for r in results["throughput"]}
-    for key in [("-", "worker_file"), ("tansu", "hand_txn"), ("tansu", "worker_eos")]:
+    for key in [("-", "worker_file"), ("tansu", "hand_txn"), ("tansu", "worker_eos"),
+                ("rabbitmq", "pika_loop"), ("rabbitmq", "worker_rabbitmq")]:
         assert measured[key]["ratios"], (key, measured[key]["errors"])
     assert [lat["delivery"] for lat in results["latency"] if lat.get("p99_ms") is not None] == ["exactly_once"]
     assert all(lat["max_rate"] > 0 and lat["max_rate_alone"] > 0 for lat in results["latency"])
@@ -49,6 +50,7 @@ def test_quick_run_writes_every_result(tmp_path):
     assert all(r["learner_ratios"] and r["worker_ratios"] for r in results["minibatch"]["rows"])
     table = (tmp_path / "results.md").read_text()
     assert "## Goals (issue 6)" in table and "exactly-once >= 0.85" in table and "## Mini-batch mode" in table
+    assert "RabbitMQ worker >= 0.9 of a plain async pika loop" in table
     assert "## Cost growth with model size" in table
     assert (tmp_path / "throughput.png").stat().st_size > 10_000
 
