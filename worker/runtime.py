@@ -235,7 +235,7 @@ class Runtime:
 
     def _stamp(self, name: str, state: ShardState) -> None:
         """The transport's part of a snapshot: the sink's state, and what identifies the source."""
-        state.extra["sink"] = self.sink.checkpoint_state(name)
+        state.extra["sink"] = self.sink.checkpoint_state(name, state.position)
         state.extra["monitor"] = self.engine.monitor_spec
         if self._identity is not None:
             state.extra["source"] = self._identity(name)

@@ -161,14 +161,17 @@ def test_each_record_is_learned_once_under_repeated_sigkill(rabbitmq, workers, t
     records = make_records(12000, keys=16)
     cfg = rabbit_config(rabbitmq, tmp_path, ex)
     declare_topology(rabbitmq.url, ex, shard_queues(ex, 2), [q for q in cfg["outputs"].values()])
-    feeder = threading.Thread(target=publish, args=(rabbitmq.url, ex, records), kwargs={"rate": 2000}, daemon=True)
+    # (the feed outlasts the kills: a worker started once everything was learned and acked
+    # would have nothing to do)
+    feeder = threading.Thread(target=publish, args=(rabbitmq.url, ex, records), kwargs={"rate": 800}, daemon=True)
     feeder.start()
     for i in range(4):
         w = workers(cfg, f"w{i}").start()
-        assert w.wait_for("shard assigned", 30), w.log()
-        time.sleep(rng.uniform(0.3, 2.0))  # mid-batch, mid-snapshot, between a snapshot and its ack
+        assert w.wait_for("consuming from RabbitMQ", 30), w.log()
+        time.sleep(rng.uniform(0.3, 2.5))  # mid-batch, mid-snapshot, between a snapshot and its ack
         w.kill()
     feeder.join(timeout=60)
+    assert not feeder.is_alive()
     last = workers(cfg, "final").start()
     preds = read_queue(rabbitmq.url, f"{ex}-predictions",
                        lambda out: len({p["id"] for p in out}) >= len(records), timeout=90)
@@ -298,7 +301,7 @@ def test_redelivered_records_the_snapshot_has_are_not_taken_again(rabbitmq, ack_
     assert _take(source, 100) == [(i, i) for i in range(100)]
     sink.publish(Outputs())
     sink.commit({queue: 60})
-    state = sink.checkpoint_state(queue)  # the snapshot at 60 ...
+    state = sink.checkpoint_state(queue, 60)  # the snapshot at 60 ...
     assert len(state["window"]) == 60
     if ack_applied:
         sink.snapshotted(queue, 60)  # ... and its ack

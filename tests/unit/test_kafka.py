@@ -532,7 +532,7 @@ class TxnSink:
         self.pending = []
         self.source.committed_pos.update(positions)
 
-    def checkpoint_state(self, shard: str) -> dict:
+    def checkpoint_state(self, shard: str, position: int = 0) -> dict:
         return {}
 
     def restore(self, shard: str, state: dict) -> None:

@@ -59,8 +59,8 @@ class Sink(Protocol):
     def commit(self, positions: dict[str, int]) -> None:
         """Make every published output durable and record ``positions`` where the transport can."""
 
-    def checkpoint_state(self, shard: str) -> dict:
-        """Transport state to keep in the shard's snapshot (e.g. output sizes)."""
+    def checkpoint_state(self, shard: str, position: int) -> dict:
+        """Transport state to keep in the shard's snapshot at ``position`` (e.g. output sizes)."""
 
     def restore(self, shard: str, state: dict) -> None:
         """Undo outputs published after the snapshot that ``state`` came from, where possible."""

@@ -164,7 +164,7 @@ class FileSink:
         except OSError as exc:
             raise SinkError(f"cannot flush outputs: {exc}") from exc
 
-    def checkpoint_state(self, shard: str) -> dict:
+    def checkpoint_state(self, shard: str, position: int = 0) -> dict:
         return {"sizes": {p: f.tell() for p, f in self._files.items() if p != "-"}}
 
     def restore(self, shard: str, state: dict) -> None:

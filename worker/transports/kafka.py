@@ -621,7 +621,7 @@ class KafkaSink:
                 raise SinkError("outputs could not be delivered: is the broker reachable?")
 
     # -- snapshots -----------------------------------------------------------------------
-    def checkpoint_state(self, shard: str) -> dict:
+    def checkpoint_state(self, shard: str, position: int = 0) -> dict:
         return {}  # outputs since the snapshot are in the committed log: nothing to cut back
 
     def restore(self, shard: str, state: dict) -> None:

@@ -245,12 +245,13 @@ class RabbitConnection:
         self._waiting = False  # the worker thread waits for deliveries
         self._connection: Any = None
         self._publisher: Any = None
-        # Outputs, counted over every connection: handed over by the worker thread, published
-        # (or given up) by the I/O thread, confirmed by the broker (this connection's confirm
-        # tags count from _base).
-        self._handed = self._sent = self._confirmed = self._base = 0
+        # Outputs handed over by the worker thread, and resolved (published or given up) by the
+        # I/O thread; on the current publisher channel: published (confirm tags 1..n), confirmed.
+        self._handed = self._resolved = 0
+        self._tags = self._confirmed = 0
         self._failure: str | None = None  # a nack or a lost connection since the last commit
-        self._generation = 0  # connections lost; each loses every shard
+        self._generation = 0  # connections lost or dropped; each loses every shard
+        self._dropping = False  # deliveries are dropped until the next connection opens
         self._closing = False
         self._thread: threading.Thread | None = None
         self.connected = threading.Event()
@@ -288,7 +289,7 @@ class RabbitConnection:
     def _call(self, fn: Callable[[], None]) -> bool:
         """Run ``fn`` in the I/O thread, in order with every other call; False when disconnected."""
         conn = self._connection
-        if conn is None or not self.connected.is_set():
+        if conn is None:
             return False
         try:
             conn.ioloop.add_callback_threadsafe(fn)
@@ -307,15 +308,28 @@ class RabbitConnection:
         refused or the connection dropped (outputs since the last commit may be lost)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._failure is None and self._confirmed < self._handed:
+            while self._failure is None and (self._resolved < self._handed or self._confirmed < self._tags):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise SinkError(f"RabbitMQ did not confirm the outputs within {timeout:.0f} s")
                 self._cond.wait(min(left, 0.5))
             failure, self._failure = self._failure, None
-            if failure is not None:
-                self._sent = self._confirmed = self._handed  # given up: what comes next counts afresh
-                raise Rewind(failure)
+        if failure is not None:
+            self._drop()
+            raise Rewind(failure)
+
+    def _drop(self) -> None:
+        """Close the connection and lose every shard: the broker then redelivers every record not
+        acked, so the shards restored from their snapshots read all they need again. (Reading on
+        after a rollback would skip the records taken since the snapshot: a queue cannot seek.)"""
+        with self._cond:
+            self._dropping = True
+            self._generation += 1
+        for q in self.queues.values():
+            q.inbox.clear()
+        conn = self._connection
+        if conn is not None:
+            self._call(lambda: conn.close(reply_text="rolled back") if conn.is_open else None)
 
     def ack(self, queue: str, tag: int, position: int) -> None:
         """Ack ``queue``'s deliveries up to ``tag`` (the record below ``position``); a ``basic.qos``
@@ -340,7 +354,7 @@ class RabbitConnection:
 
     def _give_up(self, n: int, why: str) -> None:
         with self._cond:
-            self._sent += n
+            self._resolved += n
             self._failure = self._failure or why
             self._cond.notify_all()
 
@@ -370,18 +384,18 @@ class RabbitConnection:
 
     def _on_open(self, conn: Any, opened: threading.Event) -> None:
         opened.set()
+        self._dropping = False
         conn.channel(on_open_callback=self._on_publisher)
-        for q in self.queues.values():
-            conn.channel(on_open_callback=lambda ch, q=q: self._on_consumer(ch, q))
 
     def _on_publisher(self, ch: Any) -> None:
         ch.confirm_delivery(self._on_confirm, callback=lambda _: self._set_publisher(ch))
 
     def _set_publisher(self, ch: Any) -> None:
         with self._cond:
-            self._base = self._confirmed = self._sent
+            self._tags = self._confirmed = 0
         self._publisher = ch
-        self._maybe_connected()
+        for q in self.queues.values():  # consume once outputs can go out
+            self._connection.channel(on_open_callback=lambda c, q=q: self._on_consumer(c, q))
 
     def _on_consumer(self, ch: Any, q: _Queue) -> None:
         def consume(_: Any) -> None:
@@ -400,6 +414,8 @@ class RabbitConnection:
             self.connected.set()
 
     def _on_message(self, q: _Queue, method: Any, body: bytes) -> None:
+        if self._dropping:
+            return  # (the connection is being dropped: the broker redelivers it)
         q.inbox.append((body, method.delivery_tag, method.redelivered))
         if self._waiting:
             with self._cond:
@@ -414,14 +430,15 @@ class RabbitConnection:
         for queue, body in messages:
             publish("", queue, body, PERSISTENT)
         with self._cond:
-            self._sent += len(messages)
+            self._tags += len(messages)
+            self._resolved += len(messages)
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
         with self._cond:
             if isinstance(method, pika.spec.Basic.Nack):
                 self._failure = self._failure or "RabbitMQ refused (nacked) published outputs"
-            self._confirmed = max(self._confirmed, self._base + method.delivery_tag)
+            self._confirmed = max(self._confirmed, method.delivery_tag)
             self._cond.notify_all()
         if isinstance(method, pika.spec.Basic.Nack):  # their records must come again: close, so that
             self._connection.close(reply_text="outputs nacked")  # the broker redelivers every unacked one
@@ -444,8 +461,10 @@ class RabbitConnection:
             q.inbox.clear()  # (the broker redelivers them)
         with self._cond:
             self._generation += 1
-            if self._confirmed < self._sent:
+            if self._confirmed < self._tags or self._resolved < self._handed:
                 self._failure = self._failure or f"the RabbitMQ connection dropped with outputs unconfirmed ({exc!r})"
+            self._resolved = max(self._resolved, self._handed)  # (publishes queued to this loop are lost with it)
+            self._tags = self._confirmed = 0
             self._cond.notify_all()
         try:
             conn.ioloop.stop()
@@ -579,10 +598,10 @@ class RabbitSink:
         q.first = position
         self.conn.ack(shard, tag, position)
 
-    def checkpoint_state(self, shard: str) -> dict:
-        """What the snapshot keeps to recognise redeliveries: the fingerprints of the records from
-        the last ack known applied up to the snapshot's position (the last committed one), and the
-        points in it where an ack sent without a receipt ends."""
+    def checkpoint_state(self, shard: str, position: int) -> dict:
+        """What the snapshot at ``position`` keeps to recognise redeliveries: the fingerprints of
+        the records from the last ack known applied up to ``position``, and the points in it where
+        an ack sent without a receipt ends."""
         q = self.conn.queues[shard]
         if not self.ack_after_snapshot:
             return {}
@@ -590,8 +609,8 @@ class RabbitSink:
         while q.sent and not q.receipts and time.monotonic() < deadline:
             time.sleep(0.001)
         q.settle()
-        window = list(itertools.islice(q.prints, q.committed - q.applied))
-        return {"window": window, "cuts": [0, *(p - q.applied for p in q.sent if p <= q.committed)]}
+        window = list(itertools.islice(q.prints, max(0, min(position, q.next_position) - q.applied)))
+        return {"window": window, "cuts": [0, *(p - q.applied for p in q.sent if p < position)]}
 
     def restore(self, shard: str, state: dict) -> None:
         window = state.get("window") or []
