@@ -273,7 +273,7 @@ class _Listener:
 
 
 def _open(url: str, queue: str, state: dict | None = None, position: int = 0):
-    conn = RabbitConnection(url, [queue], prefetch=1000, telemetry=Telemetry(), fingerprints=True)
+    conn = RabbitConnection(url, [queue], prefetch=1000, fingerprints=True)
     sink = RabbitSink(conn, {"predictions": None}, ack_after_snapshot=True, commit_every=1.0)
     source = RabbitSource(conn, Telemetry())
     source.start(_Listener(source, sink, state, position))

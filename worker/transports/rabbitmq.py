@@ -138,13 +138,12 @@ class _Queue:
         self.applied = 0  # every ack below this position is known applied (its receipt came)
         self.sent: list[int] = []  # positions of acks sent since, receipt not seen yet
         self.receipts: collections.deque[int] = collections.deque()  # (I/O thread) positions whose ack is applied
-        self.committed = 0  # the last committed position (outputs below it confirmed)
         self.generation = 0  # the connection its delivery tags belong to
         self.dedup: _Dedup | None = None
 
     def reset(self, position: int, generation: int) -> None:
         """Taken from ``position`` on, on connection ``generation`` (at an assignment, then at the seek)."""
-        self.next_position = self.first = self.applied = self.committed = position
+        self.next_position = self.first = self.applied = position
         self.generation = generation
         self.tags.clear()
         self.prints.clear()
@@ -233,13 +232,12 @@ class RabbitConnection:
     """The AMQP connection, in its own I/O thread: one channel per shard queue (consume, ack)
     and one for publishing outputs (confirms). Reconnects with backoff until closed."""
 
-    def __init__(self, url: str, queues: list[str], prefetch: int, telemetry: Telemetry, fingerprints: bool):
+    def __init__(self, url: str, queues: list[str], prefetch: int, fingerprints: bool):
         self.url = url
         self.params = pika.URLParameters(url)
         self.queues = {q: _Queue(q) for q in queues}
         self._order = list(self.queues.values())
         self.prefetch = prefetch
-        self.telemetry = telemetry
         self.fingerprints = fingerprints  # keep each record's fingerprint until its ack is applied
         self._cond = threading.Condition()
         self._waiting = False  # the worker thread waits for deliveries
@@ -576,10 +574,8 @@ class RabbitSink:
         if self.ack_after_snapshot and not wait:
             return
         self.conn.wait_confirmed()
-        for shard, position in positions.items():
-            q = self.conn.queues[shard]
-            q.committed = position
-            if not self.ack_after_snapshot:
+        if not self.ack_after_snapshot:
+            for shard, position in positions.items():
                 self._ack(shard, position)
 
     def snapshotted(self, shard: str, position: int) -> None:
@@ -654,6 +650,6 @@ def open_rabbitmq(settings: Settings, telemetry: Telemetry) -> tuple[RabbitSourc
     if r.declare:
         declare_topology(url, r.exchange, queues, [q for q in outputs.values() if q])
     store = settings.checkpoint.store is not None
-    conn = RabbitConnection(url, queues, r.prefetch, telemetry, fingerprints=store)
+    conn = RabbitConnection(url, queues, r.prefetch, fingerprints=store)
     sink = RabbitSink(conn, outputs, ack_after_snapshot=store, commit_every=r.commit_every_ms / 1000)
     return RabbitSource(conn, telemetry), sink
