@@ -195,6 +195,8 @@ class _Broker:
         self.port: int | None = None
         self.log_path: Path | None = None
         self._probe_admin = None
+        self.tmpdir: Path | None = None
+        self._own_tmpdir = False  # (cleanup deletes only a temp dir it made)
 
     # -- public ---------------------------------------------------------------
     @property
@@ -303,8 +305,16 @@ class _Broker:
             self.start()
         return self
 
+    def cleanup(self) -> None:
+        """Kill the broker and delete the temp dir if we created it."""
+        self.kill()
+        if self._own_tmpdir and self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            self.tmpdir = None
+
     def __exit__(self, *exc) -> None:
         self.stop()
+        self.cleanup()
 
     # -- internals ------------------------------------------------------------
     def start(self, *a, **kw):  # pragma: no cover - overridden
@@ -397,8 +407,6 @@ class ApacheKafka(_Broker):
         self.heap = heap
         self.start_timeout = start_timeout
         self.controller_port: int | None = None
-        self.tmpdir: Path | None = None
-        self._own_tmpdir = False
         self.start_seconds: float | None = None
         self.cluster_id: str | None = None
 
@@ -509,17 +517,6 @@ class ApacheKafka(_Broker):
         else:
             self.stop()
         return self.start()
-
-    def cleanup(self) -> None:
-        """Kill the broker and delete the temp dir if we created it."""
-        self.kill()
-        if self._own_tmpdir and self.tmpdir is not None:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
-            self.tmpdir = None
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-        self.cleanup()
 
     # -- internals --------------------------------------------------------------
     @staticmethod
@@ -636,8 +633,6 @@ class Tansu(_Broker):
         super().__init__()
         self.binary = str(binary) if binary else None
         self.start_timeout = start_timeout
-        self.tmpdir: Path | None = None
-        self._own_tmpdir = False
         self.start_seconds: float | None = None
 
     @staticmethod
@@ -679,11 +674,6 @@ class Tansu(_Broker):
         self.start_seconds = self._wait_ready(self.start_timeout)
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
-        if self._own_tmpdir and self.tmpdir is not None:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
-            self.tmpdir = None
 
 
 #: Plugins of a test RabbitMQ node (no management UI: it is slow to boot and unused).
@@ -718,8 +708,6 @@ class RabbitMQ(_Broker):
             self.plugins.append("rabbitmq_prometheus")
         self.extra_config = dict(extra_config or {})
         self.start_timeout = start_timeout
-        self.tmpdir: Path | None = None
-        self._own_tmpdir = False
         #: Kept across restarts: the data dir (mnesia) is named after the node.
         self.nodename = f"rabbit-{uuid.uuid4().hex[:10]}@localhost"
         self.dist_port: int | None = None
@@ -861,17 +849,6 @@ class RabbitMQ(_Broker):
             self._kill_node()
         finally:
             self._stop_epmd()
-
-    def cleanup(self) -> None:
-        """Kill the node and epmd and delete the temp dir if we created it."""
-        self.kill()
-        if self._own_tmpdir and self.tmpdir is not None:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
-            self.tmpdir = None
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-        self.cleanup()
 
     # -- internals ----------------------------------------------------------------
     def _stop_node(self, timeout: float = 30.0) -> None:

@@ -21,10 +21,18 @@ import pytest
 
 from tests.integration.conftest import PIPELINE, make_records
 from worker.config import ModelSettings
+from worker.feeder import feed
 from worker.models import build_model
 from worker.monitoring.telemetry import Telemetry
 from worker.records import Outputs
-from worker.transports.rabbitmq import RabbitConnection, RabbitSink, RabbitSource, declare_topology, shard_queues
+from worker.transports.rabbitmq import (
+    RabbitConnection,
+    RabbitSink,
+    RabbitSource,
+    RecordPublisher,
+    declare_topology,
+    shard_queues,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -48,19 +56,7 @@ def rabbit_config(rabbitmq, tmp_path, exchange: str, shards: int = 2, store: boo
 
 def publish(url: str, exchange: str, records: list[dict], rate: float | None = None) -> None:
     """Publish with confirms, routing key = the record key (the exchange hashes it to a shard queue)."""
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        ch = conn.channel()
-        ch.confirm_delivery()
-        started = time.monotonic()
-        for i, r in enumerate(records):
-            ch.basic_publish(exchange, r["key"], orjson.dumps(r), pika.BasicProperties(delivery_mode=2))
-            if rate is not None and i % 100 == 99:
-                ahead = (i + 1) / rate - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
-    finally:
-        conn.close()
+    feed("", exchange, iter(records), rate=rate, producer=RecordPublisher(url))
 
 
 def read_queue(url: str, queue: str, until, timeout: float = 90.0) -> list[dict]:
