@@ -30,6 +30,13 @@ FAMILIES = {
 }
 
 
+#: ``cpu_affinity`` of the single-worker throughput rows (Kafka, file): the benchmark machine is
+#: the worker's own, where docs/operations.md advises ``split`` (the learner process on a CPU
+#: of its own). The scaling rows keep the default (``auto``: no pinning on a machine whose
+#: every CPU the worker may use): two workers on one host must not both pin.
+WORKER_AFFINITY = "split"
+
+
 #: Every process of a benchmark run gets this string-hash seed. The seed alone moves a river
 #: loop by about 5 % here (it changes how the feature dicts collide), and the worker's
 #: learner is another process: without one seed for all, a ratio would measure hash luck.

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import harness as h
-from bench.common import plain_loop
+from bench.common import WORKER_AFFINITY, plain_loop
 
 #: name -> what the table calls it.
 CONTENDERS = {
@@ -44,7 +44,7 @@ def command(name: str, bootstrap: str, topic: str, records: int, consumer_conf: 
         create_topics(bootstrap, h.outputs(tag).values())
         delivery = "at_least_once" if name == "worker_alo" else "exactly_once"
         return h.python_cmd("bench.worker_kafka", *common, "--tag", tag, "--delivery", delivery,
-                            "--store", str(workdir / tag))
+                            "--store", str(workdir / tag), "--cpu-affinity", WORKER_AFFINITY)
     out = f"{tag}-out"
     create_topics(bootstrap, [out])
     if name.startswith("hand"):

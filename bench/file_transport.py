@@ -5,8 +5,10 @@
 Both run in this process, alternately, on the same records: the plain loop over pre-decoded
 dicts (``predict_one`` then ``learn_one``), and the worker reading JSON Lines, validating,
 predicting with probabilities, learning, scoring, watching drift and writing predictions,
-metrics and dead letters to files, with checkpoints every 10,000 records. The worker's
-time runs from the moment its learner process is up to the end of its final checkpoint.
+metrics and dead letters to files, with checkpoints every 10,000 records, its learner
+process on a CPU of its own (``cpu_affinity: split``, :data:`bench.common.WORKER_AFFINITY`).
+The worker's time runs from the moment its learner process is up to the end of its final
+checkpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import REFERENCE_PIPELINE, agrawal, pin_hash_seed, plain_loop, summary, write_jsonl
+from bench.common import REFERENCE_PIPELINE, WORKER_AFFINITY, agrawal, pin_hash_seed, plain_loop, summary, write_jsonl
 from bench.memory import PeakSampler, peak_mb
 from worker.checkpoint import FileStore
 from worker.config import load_settings
@@ -44,6 +46,7 @@ def worker_run(data: Path, workdir: Path, checkpoints: bool = True, model: dict 
             "checkpoint": {"store": f"file://{workdir / 'state'}" if checkpoints else None, "every_records": 10000},
             **({"limits": {"batch_size": batch_size}} if batch_size else {}),
             "telemetry": {"port": None},
+            "cpu_affinity": WORKER_AFFINITY,
         },
         env={},
     )

@@ -1,7 +1,7 @@
 """The worker on Kafka (embedded tansu) as a ratio of the plain river loop, in one run.
 
     python -m bench.kafka [--records 30000] [--repeat 3] [--bootstrap HOST:PORT] [--cpu]
-                          [--in-flight 1,2]
+                          [--in-flight 1,2] [--affinity none,split]
 
 For each repetition, on the same Agrawal records (StandardScaler | LogisticRegression):
 the plain loop over pre-decoded dicts, then the worker with ``exactly_once`` and with
@@ -13,7 +13,8 @@ last commit that moved a position (group joins are not counted).
 Ratios are plain / worker, the plain loop timed right before and right after each worker run
 (the mean of the two; see :mod:`bench.contenders`); the median over the repetitions is reported. ``--in-flight 1,2``
 runs the worker with each of those ``limits.polls_in_flight`` in turn, in every repetition
-(an A/B in one run).
+(an A/B in one run); ``--affinity`` likewise with ``cpu_affinity`` (default: ``split``, as
+in the suite: :data:`bench.common.WORKER_AFFINITY`).
 
 With ``--cpu`` each worker run also prints where the CPU went in that window
 (:mod:`bench.cpu`): this process's main thread and librdkafka's threads, the learner
@@ -33,7 +34,7 @@ import uuid
 from pathlib import Path
 
 from bench import worker_kafka
-from bench.common import agrawal, pin_hash_seed, plain_loop
+from bench.common import WORKER_AFFINITY, agrawal, pin_hash_seed, plain_loop
 from bench.cpu import CpuSampler
 from bench.harness import interruptible, outputs
 from worker.embedded import CONSUMER_OVERRIDES, EmbeddedBroker
@@ -42,7 +43,8 @@ from worker.transports.kafka import create_topics
 
 
 def worker_run(bootstrap: str, topic: str, n: int, delivery: str, workdir: Path, batch: int,
-               cpu_roles: dict[int, str] | None = None, in_flight: int | None = None) -> tuple[float, list[dict] | None]:
+               cpu_roles: dict[int, str] | None = None, in_flight: int | None = None,
+               affinity: str = WORKER_AFFINITY) -> tuple[float, list[dict] | None]:
     """Seconds from the worker's first consumed batch to its last position-moving commit
     (:func:`bench.worker_kafka.run`, in this process, as the suite's contenders run it), and
     with ``cpu_roles`` ({pid: role} of other children, e.g. the broker) the CPU breakdown of
@@ -54,7 +56,7 @@ def worker_run(bootstrap: str, topic: str, n: int, delivery: str, workdir: Path,
         cpu = stack.enter_context(CpuSampler(roles=cpu_roles)) if cpu_roles is not None else None
         try:
             obs = worker_kafka.run(bootstrap, topic, tag, n, delivery, str(store), dict(CONSUMER_OVERRIDES),
-                                   batch_size=batch, polls_in_flight=in_flight)
+                                   batch_size=batch, polls_in_flight=in_flight, cpu_affinity=affinity)
         finally:
             shutil.rmtree(store, ignore_errors=True)
     assert obs.first is not None and obs.end is not None, "the worker consumed or committed nothing"
@@ -78,19 +80,23 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2000, help="limits.batch_size (records per consume)")
     parser.add_argument("--in-flight", help="limits.polls_in_flight, or several (1,2) to alternate (default: the worker's)")
+    parser.add_argument("--affinity", default=WORKER_AFFINITY,
+                        help=f"cpu_affinity, or several (none,split) to alternate (default: {WORKER_AFFINITY})")
     parser.add_argument("--bootstrap", help="an existing broker (default: start tansu)")
     parser.add_argument("--cpu", action="store_true", help="print each worker run's CPU by process and thread (Linux)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     depths = [int(d) for d in args.in_flight.split(",")] if args.in_flight else [None]
-    # (name, delivery, polls in flight): the name carries the setting only when several are compared
-    runs = [(d if len(depths) == 1 else f"{d} in_flight={k}", d, k)
-            for d in ("exactly_once", "at_least_once") for k in depths]
+    affinities = args.affinity.split(",")
+    # (name, delivery, polls in flight, affinity): the name carries a setting only when several are compared
+    runs = [(" ".join([d, *([f"in_flight={k}"] if len(depths) > 1 else []),
+                       *([f"affinity={a}"] if len(affinities) > 1 else [])]), d, k, a)
+            for d in ("exactly_once", "at_least_once") for k in depths for a in affinities]
     records = agrawal(args.records)
     workdir = Path(tempfile.mkdtemp(prefix="bench-kafka-"))
-    results: dict[str, list[float]] = {name: [] for name, _, _ in runs}
-    times: dict[str, list[float]] = {"plain": [], **{name: [] for name, _, _ in runs}}
-    cpu: dict[str, list[list[dict]]] = {name: [] for name, _, _ in runs}
+    results: dict[str, list[float]] = {name: [] for name, *_ in runs}
+    times: dict[str, list[float]] = {"plain": [], **{name: [] for name, *_ in runs}}
+    cpu: dict[str, list[list[dict]]] = {name: [] for name, *_ in runs}
     with contextlib.ExitStack() as stack:
         broker = None if args.bootstrap else stack.enter_context(EmbeddedBroker(workdir / "tansu"))
         bootstrap = args.bootstrap or broker.bootstrap
@@ -100,8 +106,8 @@ def main() -> None:
         feed(bootstrap, topic, ({"id": i, "x": x, "y": y} for i, (x, y) in enumerate(records)))
         before = plain_loop(records)
         for _ in range(args.repeat):
-            for name, delivery, depth in runs:
-                w, rows = worker_run(bootstrap, topic, args.records, delivery, workdir, args.batch, roles, depth)
+            for name, delivery, depth, affinity in runs:
+                w, rows = worker_run(bootstrap, topic, args.records, delivery, workdir, args.batch, roles, depth, affinity)
                 after = plain_loop(records)  # (the plain loop around each run: see bench.contenders)
                 p, before = (before + after) / 2, after
                 if rows is not None:

@@ -2,6 +2,7 @@
 
     python -m bench.worker_kafka --bootstrap HOST:PORT --topic IN --tag RUN --records N
         [--delivery exactly_once|at_least_once] [--idle-stop SECONDS] [--learner process|inline]
+        [--cpu-affinity auto|split|none]
 
 The worker's own ``Runtime``, ``KafkaSource``/``KafkaSink`` (``open_kafka``) and file
 checkpoint store, started as ``worker run`` starts them (``gc.freeze()`` before the loop) and configured as a user would (StandardScaler | LogisticRegression,
@@ -123,11 +124,11 @@ class TimedSink:
 def run(bootstrap: str, topic: str, tag: str, records: int | None, delivery: str, store: str,
         consumer_config: dict, transactional_id: str | None = None, idle_stop: float | None = None,
         group: str | None = None, status: Path | None = None, batch_size: int | None = None,
-        learner: str | None = None, polls_in_flight: int | None = None) -> _Observer:
+        learner: str | None = None, polls_in_flight: int | None = None, cpu_affinity: str | None = None) -> _Observer:
     """Run the worker until ``records`` were consumed (or it idled ``idle_stop`` s); the observer
     holds when the first record arrived and when the last position-moving commit returned.
-    ``batch_size``, ``polls_in_flight``: those ``limits``; ``learner``: ``process`` or ``inline``
-    (defaults: the worker's)."""
+    ``batch_size``, ``polls_in_flight``: those ``limits``; ``learner``: ``process`` or ``inline``;
+    ``cpu_affinity``: ``auto``, ``split`` or ``none`` (defaults: the worker's)."""
     limits = {k: v for k, v in (("batch_size", batch_size), ("polls_in_flight", polls_in_flight)) if v}
     settings = load_settings(
         data={
@@ -141,6 +142,7 @@ def run(bootstrap: str, topic: str, tag: str, records: int | None, delivery: str
             "delivery": delivery,
             **({"limits": limits} if limits else {}),
             **({"learner": learner} if learner else {}),
+            **({"cpu_affinity": cpu_affinity} if cpu_affinity else {}),
         },
         env={},
     )
@@ -168,10 +170,11 @@ def main() -> None:
     parser.add_argument("--status", type=Path, help="write the number of owned shards here on each assignment change")
     parser.add_argument("--batch-size", type=int, help="limits.batch_size (default: the worker's)")
     parser.add_argument("--learner", choices=["process", "inline"], help="where the model learns (default: the worker's)")
+    parser.add_argument("--cpu-affinity", choices=["auto", "split", "none"], help="(default: the worker's)")
     args = parser.parse_args()
     obs = run(args.bootstrap, args.topic, args.tag, args.records, args.delivery, args.store,
               json.loads(args.consumer_config), args.transactional_id, args.idle_stop, args.group, args.status,
-              args.batch_size, args.learner)
+              args.batch_size, args.learner, cpu_affinity=args.cpu_affinity)
     result(obs.records, obs.first, obs.end)
 
 

@@ -295,6 +295,12 @@ class Settings(_Section):
         description="Where the models learn: 'process' (a child process, so that learning overlaps with "
         "decoding, encoding and the transport on another core) or 'inline' (this process; one core).",
     )
+    cpu_affinity: Literal["auto", "split", "none"] = Field(
+        "auto",
+        description="With learner: process, 'split' gives the learner process one CPU of its own and the "
+        "worker's threads the others; 'auto' does so when the process was confined to a strict subset of "
+        "the machine's CPUs (e.g. a Guaranteed pod under the static CPU manager); 'none' never.",
+    )
 
 
 _PASS_THROUGH = ("config", "consumer", "producer")  # dicts of client settings with dotted keys

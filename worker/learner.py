@@ -49,6 +49,7 @@ from typing import Any
 import orjson
 from river import base
 
+from worker import affinity
 from worker.errors import WorkerError
 from worker.models import build_model, final_step
 from worker.monitoring.drift import ConceptDrift
@@ -141,6 +142,7 @@ class LearnerConfig:
         self.with_proba = m.proba
         self.threshold = m.anomaly_threshold
         self.mini_batch = m.mini_batch
+        self.cpu_affinity = settings.cpu_affinity
         drift = settings.monitor.drift
         self.concept_policy = drift.concept.policy
         self.challenger = drift.challenger
@@ -519,7 +521,9 @@ class ProcessLearners:
         self.config = config
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, config), name="worker-learner", daemon=True)
+        split = affinity.plan(config.cpu_affinity)
+        self._proc = ctx.Process(target=_serve, args=(child, config, None if split is None else split.learner),
+                                 name="worker-learner", daemon=True)
         # Born with SIGINT/SIGTERM blocked (the mask survives exec), so a stop sent to the whole
         # group during its start-up cannot kill it; here they stay pending, not lost.
         stops = {signal.SIGINT, signal.SIGTERM}
@@ -529,6 +533,17 @@ class ProcessLearners:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()
+        self._unpin: set[int] | None = None  # this process's CPUs before the split, restored at close()
+        if split is not None:
+            self._unpin = affinity.allowed_cpus()
+            try:
+                affinity.pin_process(split.worker)
+            except OSError as exc:
+                log.warning("cpu_affinity: could not pin the worker's threads (%s); they run where the system puts "
+                            "them", exc)
+            else:
+                log.info("cpu_affinity: the learner process runs on CPU %d, the worker on CPU %s", split.learner,
+                         ",".join(map(str, sorted(split.worker))))
         self._start_timeout: float | None = start_timeout
         self._outstanding = 0  # learn replies not collected yet (read or not)
         self._early: deque[Any] = deque()  # learn replies read ahead of a dump reply (decoded)
@@ -655,10 +670,17 @@ class ProcessLearners:
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(1.0)
+        if self._unpin is not None:  # (a process that outlives its learner, e.g. a benchmark, gets its CPUs back)
+            unpin, self._unpin = self._unpin, None
+            try:
+                affinity.pin_process(unpin)
+            except OSError:
+                pass
 
 
-def _serve(conn: Any, config: LearnerConfig) -> None:
-    """The child's loop: one message at a time, in order, at most one reply each, until the pipe closes."""
+def _serve(conn: Any, config: LearnerConfig, cpu: int | None = None) -> None:
+    """The child's loop: one message at a time, in order, at most one reply each, until the pipe closes.
+    ``cpu``: the one CPU this process runs on (``cpu_affinity``)."""
     import gc
 
     from worker.logs import setup_logging
@@ -667,6 +689,11 @@ def _serve(conn: Any, config: LearnerConfig) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     telemetry = config.settings.telemetry
     setup_logging(telemetry.log_level, telemetry.log_format)  # the worker's format, on the same stderr
+    if cpu is not None:
+        try:
+            affinity.pin_process({cpu})
+        except OSError as exc:
+            log.warning("cpu_affinity: could not pin the learner process to CPU %d (%s)", cpu, exc)
     learners: dict[str, Learner] = {}
     config.new_model()  # imports the spec's river modules now, during start-up, not at the first shard
     gc.freeze()  # the imported modules live as long as the process
