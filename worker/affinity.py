@@ -26,11 +26,8 @@ True
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import NamedTuple
-
-log = logging.getLogger("worker.affinity")
 
 
 class Split(NamedTuple):
@@ -74,5 +71,5 @@ def pin_process(cpus: set[int] | frozenset[int]) -> None:
     for tid in tasks:
         try:
             os.sched_setaffinity(tid, cpus)
-        except (ProcessLookupError, PermissionError):  # a thread that ended meanwhile
+        except ProcessLookupError:  # a thread that ended meanwhile
             continue
