@@ -46,7 +46,7 @@ def learner_run(xs: list[dict], ys: list[int], mini_batch: int) -> tuple[float, 
     started = time.perf_counter()
     for i in range(0, len(xs), POLL):
         ids = list(range(i, min(i + POLL, len(xs))))
-        preds += learner.learn(xs[i : i + POLL], ys[i : i + POLL], ids, ids, None).preds
+        preds += learner.learn(xs[i : i + POLL], ys[i : i + POLL], ids, ids, None).labels()
     return time.perf_counter() - started, preds
 
 

@@ -65,6 +65,28 @@ class LearnerError(WorkerError):
     """The learner process failed or died; the worker cannot go on (exit code 1)."""
 
 
+def _has_proba(model: base.Estimator) -> bool:
+    """False for a classifier that gives labels only (e.g. compat-wrapped SGDClassifier(loss="hinge"))."""
+    last = final_step(model)
+    return getattr(last, "estimator", None) is None or hasattr(last.estimator, "predict_proba")
+
+
+def labels_from_proba(model: base.Estimator, task: str, with_proba: bool) -> bool:
+    """Whether the model's label is the arg-max of the probabilities computed anyway (river's
+    own ``Classifier.predict_one``): the label can then be taken from them (:func:`label_of`)."""
+    return (task == "classification" and with_proba and _has_proba(model)
+            and type(final_step(model)).predict_one is base.Classifier.predict_one)
+
+
+def label_of(proba: dict | None) -> Any:
+    """The label river's ``Classifier.predict_one`` gives for these probabilities (first of equals).
+
+    >>> label_of({"a": 0.25, "b": 0.75}), label_of({0: 0.5, 1: 0.5}), label_of({})
+    ('b', 0, None)
+    """
+    return max(proba, key=proba.get) if proba else None
+
+
 def make_step(model: base.Estimator, task: str, with_proba: bool = True, threshold: float | None = None) -> Step:
     """The per-record test-then-train function for a task: ``step(x, y) -> (prediction, extra)``.
 
@@ -75,10 +97,9 @@ def make_step(model: base.Estimator, task: str, with_proba: bool = True, thresho
         last = final_step(model)
         predict = model.predict_one
         predict_proba = model.predict_proba_one
-        derive = type(last).predict_one is base.Classifier.predict_one
-        if with_proba and getattr(last, "estimator", None) is not None and not hasattr(last.estimator, "predict_proba"):
-            with_proba = False  # e.g. compat-wrapped SGDClassifier(loss="hinge"): labels only
-        if with_proba and derive:
+        if with_proba and not _has_proba(model):
+            with_proba = False  # labels only
+        if labels_from_proba(model, task, with_proba):
 
             def step(x: dict, y: Any) -> tuple[Any, Any]:
                 proba = predict_proba(x)
@@ -168,13 +189,16 @@ class LearnerConfig:
 class LearnResult:
     """What one batch of the learner gives back, aligned with its records.
 
+    ``preds`` is None when the labels are the arg-max of ``extras`` and nothing in the
+    learner needed them (no record-level policy): :meth:`labels` derives them then, in the
+    worker process, which has time to spare while the learner is the bottleneck.
     ``versions`` is None when the model version did not change in the batch (every record
     was predicted by version ``version_before``); ``errors`` maps a record's index to the
     model's exception (its ``preds`` entry is None); ``events`` are concept-drift and policy
     events (with ``position`` and ``model_version``); ``changed`` says the model was replaced.
     """
 
-    preds: list
+    preds: list | None
     extras: list
     versions: list[int] | None
     version_before: int
@@ -184,6 +208,10 @@ class LearnResult:
     changed: bool
     challenger: dict | None
     seconds: float
+
+    def labels(self) -> list:
+        """The predictions, one per record (None for a record the model refused)."""
+        return self.preds if self.preds is not None else [label_of(p) for p in self.extras]
 
 
 class Learner:
@@ -220,6 +248,11 @@ class Learner:
         concept = state.concept if config.owns_concept else None
         challenger = state.challenger
         version_before = version = state.model_version
+        if concept is None and challenger is None and frozen is None:  # nothing to watch record by record
+            preds, extras, errors = self._plain(xs, ys)
+            return LearnResult(preds=preds, extras=extras, versions=None, version_before=version, version=version,
+                               errors=errors, events=[], changed=False, challenger=None,
+                               seconds=time.perf_counter() - started)
         preds: list = []
         extras: list = []
         add_pred, add_extra = preds.append, extras.append
@@ -282,6 +315,44 @@ class Learner:
             challenger=None if challenger is None else challenger.summary(),
             seconds=time.perf_counter() - started,
         )
+
+    def _plain(self, xs: Sequence[dict], ys: Sequence[Any]) -> tuple[list | None, list, dict[int, str] | None]:
+        """Predict then learn each record with no policy watching: ``(predictions, extras, errors)``,
+        the predictions None when they are the arg-max of the probabilities (see :class:`LearnResult`)."""
+        errors: dict[int, str] | None = None
+        model = self.state.model
+        if labels_from_proba(model, self.config.task, self.config.with_proba):
+            predict_proba, learn = model.predict_proba_one, model.learn_one
+            extras: list = []
+            add = extras.append
+            for i, x in enumerate(xs):
+                y = ys[i]
+                try:
+                    proba = predict_proba(x)
+                    if y is not None:
+                        learn(x, y)
+                except Exception as exc:  # a model that cannot take this record must not stop the shard
+                    if errors is None:
+                        errors = {}
+                    errors[i] = f"{type(exc).__name__}: {exc}"
+                    proba = None
+                add(proba)
+            return None, extras, errors
+        step = self._step
+        preds: list = []
+        extras = []
+        add_pred, add_extra = preds.append, extras.append
+        for i, x in enumerate(xs):
+            try:
+                pred, extra = step(x, ys[i])
+            except Exception as exc:
+                if errors is None:
+                    errors = {}
+                errors[i] = f"{type(exc).__name__}: {exc}"
+                pred = extra = None
+            add_pred(pred)
+            add_extra(extra)
+        return preds, extras, errors
 
     def _predict_learn_many(self, xs: Sequence[dict], ys: Sequence[Any], frozen: Sequence[bool] | None) -> tuple:
         """Mini-batch mode: each group of ``model.mini_batch`` records is predicted with the model

@@ -321,7 +321,7 @@ class Shard:
         encode = self._encode
         score_task = self.engine.task in ("clustering", "anomaly")
         want_outputs = score_task or self.state.prediction_drift is not None
-        preds, extras, errors = result.preds, result.extras, result.errors
+        preds, extras, errors = result.labels(), result.extras, result.errors
         versions = result.versions
         version = result.version_before
         concept = None if self.engine.learner.owns_concept else self.state.concept

@@ -165,6 +165,41 @@ class Fragile(linear_model.LogisticRegression):
         super().learn_one(x, y)
 
 
+@pytest.mark.parametrize("pipeline", [LINEAR, TREE])
+def test_with_no_policy_watching_the_learner_gives_what_a_plain_river_loop_gives(pipeline):
+    """The lean path (no concept policy in the learner, no challenger, nothing frozen): the
+    labels come back as the arg-max of the probabilities and are derived in the worker
+    process; they, the probabilities and the refused records are those of a plain loop."""
+    s = settings(pipeline=pipeline)  # (the default concept policy, alert, is watched by the worker process)
+    config = LearnerConfig(s)
+    learner = Learner(config, ShardState(shard="s", model=config.new_model(), concept=config.new_concept_detector()))
+    records = drifting(3_000, 1_500)
+    records[700] = ({**records[700][0], "salary": "high"}, records[700][1])  # refused by the model
+    records[701] = (records[701][0], None)  # unlabelled: predicted, not learned
+    model = config.new_model()
+    expected_labels, expected_probas = [], []
+    for x, y in records:
+        try:
+            proba, label = model.predict_proba_one(x), model.predict_one(x)
+            if y is not None:
+                model.learn_one(x, y)
+        except TypeError:
+            proba = label = None
+        expected_labels.append(label)
+        expected_probas.append(proba)
+    labels, probas, errors = [], [], {}
+    for start in range(0, len(records), 1_000):
+        chunk = records[start : start + 1_000]
+        positions = list(range(start, start + len(chunk)))
+        result = learner.learn([x for x, _ in chunk], [y for _, y in chunk], positions, positions, None)
+        assert result.preds is None and not result.events and result.versions is None  # the lean path was taken
+        labels += result.labels()
+        probas += result.extras
+        errors.update({start + i: e for i, e in (result.errors or {}).items()})
+    assert labels == expected_labels and probas == expected_probas
+    assert list(errors) == [700] and errors[700].startswith("TypeError")
+
+
 def test_a_challenger_that_fails_on_a_record_is_discarded_and_the_champion_goes_on():
     s = settings(pipeline=LINEAR, drift={"concept": {"policy": "challenger"}})
     config = LearnerConfig(s)
