@@ -15,7 +15,7 @@ import orjson
 from river import datasets
 
 from worker.config import ModelSettings
-from worker.models import build_model
+from worker.models import build_model, calls
 
 #: The reference model of the speed goals: StandardScaler | LogisticRegression on Agrawal.
 REFERENCE_PIPELINE = [{"preprocessing.StandardScaler": {}}, {"linear_model.LogisticRegression": {}}]
@@ -65,12 +65,22 @@ def write_jsonl(records: list[tuple[dict, int]], path: Path) -> Path:
 
 
 def plain_loop(records: list[tuple[dict, int]], pipeline: list[dict] = REFERENCE_PIPELINE, task: str = "classification",
-               model: Any = None) -> float:
+               model: Any = None, direct: bool = False) -> float:
     """The ceiling: ``predict_one`` then ``learn_one`` over pre-decoded records (``score_one``
     then ``learn_one(x)`` for anomaly detection, ``learn_one(x)`` for clustering). Returns seconds.
-    ``model``: learn this one (built from ``pipeline`` and ``task``) instead of a fresh one."""
+    ``model``: learn this one (built from ``pipeline`` and ``task``) instead of a fresh one.
+    ``direct``: call a simple pipeline's steps directly, as the worker's learner does
+    (:func:`worker.models.calls`), instead of the pipeline's own methods."""
     if model is None:
         model = build_model(ModelSettings(task=task, pipeline=pipeline))
+    if direct and task in ("classification", "regression"):
+        c = calls(model)
+        predict, learn = c.predict_one, c.learn_one
+        started = time.perf_counter()
+        for x, y in records:
+            predict(x)
+            learn(x, y)
+        return time.perf_counter() - started
     learn = model.learn_one
     if task in ("anomaly", "clustering"):
         predict = model.score_one if task == "anomaly" else model.predict_one

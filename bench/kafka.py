@@ -3,6 +3,11 @@
     python -m bench.kafka [--records 30000] [--repeat 3] [--bootstrap HOST:PORT] [--cpu]
                           [--in-flight 1,2] [--affinity none,split]
 
+The worker's learner calls a simple pipeline's steps directly (:func:`worker.models.calls`),
+which spares river's pipeline dispatch; the plain loop calls the pipeline as a user would.
+The same loop calling the steps directly is timed too and printed beside it, so that what
+the ratio owes to that can be told apart.
+
 For each repetition, on the same Agrawal records (StandardScaler | LogisticRegression):
 the plain loop over pre-decoded dicts, then the worker with ``exactly_once`` and with
 ``at_least_once`` reading the JSON records from a 1-partition topic, publishing a
@@ -95,7 +100,7 @@ def main() -> None:
     records = agrawal(args.records)
     workdir = Path(tempfile.mkdtemp(prefix="bench-kafka-"))
     results: dict[str, list[float]] = {name: [] for name, *_ in runs}
-    times: dict[str, list[float]] = {"plain": [], **{name: [] for name, *_ in runs}}
+    times: dict[str, list[float]] = {"plain": [], "direct": [], **{name: [] for name, *_ in runs}}
     cpu: dict[str, list[list[dict]]] = {name: [] for name, *_ in runs}
     with contextlib.ExitStack() as stack:
         broker = None if args.bootstrap else stack.enter_context(EmbeddedBroker(workdir / "tansu"))
@@ -110,6 +115,7 @@ def main() -> None:
                 w, rows = worker_run(bootstrap, topic, args.records, delivery, workdir, args.batch, roles, depth, affinity)
                 after = plain_loop(records)  # (the plain loop around each run: see bench.contenders)
                 p, before = (before + after) / 2, after
+                times["direct"].append(plain_loop(records, direct=True))
                 if rows is not None:
                     print_cpu(name, args.records, w, rows)
                     cpu[name].append(rows)
@@ -121,11 +127,14 @@ def main() -> None:
         "benchmark": "kafka (tansu)",
         "records": args.records,
         "plain_records_per_s": args.records / statistics.median(times["plain"]),
+        "direct_records_per_s": args.records / statistics.median(times["direct"]),
         **{f"{d}_records_per_s": args.records / statistics.median(times[d]) for d in results},
         **{f"{d}_ratio": {"median": statistics.median(r), "min": min(r), "max": max(r)} for d, r in results.items()},
         **({"cpu": cpu} if args.cpu else {}),
     }
-    print(f"plain river loop: {summary['plain_records_per_s']:,.0f} rec/s")
+    print(f"plain river loop: {summary['plain_records_per_s']:,.0f} rec/s; calling the pipeline's steps directly, "
+          f"as the worker's learner does: {summary['direct_records_per_s']:,.0f} rec/s "
+          f"({summary['direct_records_per_s'] / summary['plain_records_per_s']:.2f}x)")
     for d, r in results.items():
         print(f"worker {d:<28} {summary[f'{d}_records_per_s']:,.0f} rec/s   ratio median {statistics.median(r):.3f} "
               f"(min {min(r):.3f}, max {max(r):.3f}, n={len(r)})")

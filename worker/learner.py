@@ -51,7 +51,7 @@ from river import base
 
 from worker import affinity
 from worker.errors import WorkerError
-from worker.models import build_model, final_step
+from worker.models import Calls, build_model, calls, final_step
 from worker.monitoring.drift import ConceptDrift
 from worker.policies import Challenger
 from worker.state import LEARNER_FIELDS, ShardState, join_learner, pickle_learner
@@ -92,11 +92,12 @@ def make_step(model: base.Estimator, task: str, with_proba: bool = True, thresho
 
     ``extra`` is the class probabilities (classification) or the anomaly score.
     """
-    learn = model.learn_one
+    direct = calls(model)
+    learn = direct.learn_one
     if task == "classification":
         last = final_step(model)
-        predict = model.predict_one
-        predict_proba = model.predict_proba_one
+        predict = direct.predict_one
+        predict_proba = direct.predict_proba_one
         if with_proba and not _has_proba(model):
             with_proba = False  # labels only
         if labels_from_proba(model, task, with_proba):
@@ -122,7 +123,7 @@ def make_step(model: base.Estimator, task: str, with_proba: bool = True, thresho
             step = _predict_then_learn(predict, learn)
 
     elif task == "regression":
-        step = _predict_then_learn(model.predict_one, learn)
+        step = _predict_then_learn(direct.predict_one, learn)
 
     elif task == "clustering":
         predict = model.predict_one
@@ -222,6 +223,7 @@ class Learner:
         self.state = state
         self._step = config.step(state.model)
         self._warned: set[str] = set()  # mini-batch fallbacks already logged
+        self._calls: tuple[base.Estimator, Calls] | None = None  # the lean loop's methods, for this model
 
     def learn(
         self,
@@ -322,7 +324,9 @@ class Learner:
         errors: dict[int, str] | None = None
         model = self.state.model
         if labels_from_proba(model, self.config.task, self.config.with_proba):
-            predict_proba, learn = model.predict_proba_one, model.learn_one
+            if self._calls is None or self._calls[0] is not model:
+                self._calls = (model, calls(model))
+            predict_proba, learn = self._calls[1].predict_proba_one, self._calls[1].learn_one
             extras: list = []
             add = extras.append
             for i, x in enumerate(xs):

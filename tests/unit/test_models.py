@@ -241,3 +241,40 @@ def test_spec_hash_is_the_same_across_processes():
             "print(spec_hash(ModelSettings(pipeline=[{'linear_model.LogisticRegression': {'l2': 0.1}}])))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == spec_hash(ModelSettings(pipeline=[{"linear_model.LogisticRegression": {"l2": 0.1}}]))
+
+
+@pytest.mark.parametrize(
+    ("task", "pipeline", "direct"),
+    [
+        ("classification", [{"preprocessing.StandardScaler": {}}, {"linear_model.LogisticRegression": {}}], True),
+        ("classification", [{"preprocessing.StandardScaler": {}}, {"preprocessing.MinMaxScaler": {}},
+                            {"naive_bayes.GaussianNB": {}}], True),
+        ("classification", [{"preprocessing.StandardScaler": {}}, {"tree.HoeffdingTreeClassifier": {}}], True),
+        ("regression", [{"preprocessing.StandardScaler": {}}, {"linear_model.LinearRegression": {}}], True),
+        ("classification", [{"linear_model.LogisticRegression": {}}], False),  # not a pipeline: its own methods
+        ("classification", [{"preprocessing.StandardScaler": {}}, {"feature_extraction.TargetAgg": {"by": "elevel", "how": {"stats.Mean": {}}}},
+                            {"linear_model.LogisticRegression": {}}], False),  # a supervised transformer
+    ],
+)
+def test_the_direct_calls_predict_and_learn_as_the_pipeline_does(task, pipeline, direct):
+    """:func:`worker.models.calls` on a model, the model's own methods on an identical copy:
+    the same predictions record after record, and on more records after that."""
+    import itertools
+
+    from river import datasets
+
+    from worker.models import calls
+
+    stream = datasets.synth.Agrawal(seed=3) if task == "classification" else datasets.synth.Friedman(seed=3)
+    records = list(itertools.islice(stream, 2_000))
+    ours, theirs = build_model(ModelSettings(task=task, pipeline=pipeline)), build_model(ModelSettings(task=task, pipeline=pipeline))
+    c = calls(ours)
+    assert (c.learn_one != ours.learn_one) is direct  # the steps are called directly where they can be
+    for x, y in records:
+        if task == "classification":
+            assert c.predict_proba_one(x) == theirs.predict_proba_one(x)
+        assert c.predict_one(x) == theirs.predict_one(x)
+        c.learn_one(x, y)
+        theirs.learn_one(x, y)
+    for x, _ in itertools.islice(stream, 300):  # and what they learned: the same predictions afterwards
+        assert c.predict_one(x) == theirs.predict_one(x)

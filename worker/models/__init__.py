@@ -14,7 +14,8 @@ worker.errors.ModelSpecError: model.pipeline: the last step, GaussianNB, is not 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import orjson
 from river import base, compose, utils
@@ -37,6 +38,82 @@ def final_step(model: base.Estimator) -> base.Estimator:
     if isinstance(model, compose.Pipeline):
         return list(model.steps.values())[-1]
     return model
+
+
+class Calls(NamedTuple):
+    """The per-record methods the learner calls (see :func:`calls`)."""
+
+    predict_one: Callable[[dict], Any] | None  #: (None for an anomaly detector)
+    predict_proba_one: Callable[[dict], dict] | None
+    learn_one: Callable[[dict, Any], Any]
+
+
+def calls(model: base.Estimator) -> Calls:
+    """``predict_one``, ``predict_proba_one`` and ``learn_one`` of ``model``; for a pipeline of
+    unsupervised transformers ending in a classifier or regressor, they call its steps directly.
+
+    They do what the pipeline's own methods do for such a pipeline (river 0.26): to predict,
+    each transformer transforms the record with its state before it; to learn, each one learns
+    the record, then transforms it for the next, and the last step learns the result. What
+    they leave out is the pipeline's general dispatch (routing extra arguments, unions,
+    anomaly filters, supervised transformers, learning during prediction): about 1.4 µs per
+    record for StandardScaler | LogisticRegression, 12 % of its time. Any other model gets
+    its own methods. ``tests/unit/test_models.py`` checks that both give the same predictions
+    and the same learned state.
+
+    >>> m = build_model(ModelSettings(task="regression", pipeline=[
+    ...     {"preprocessing.StandardScaler": {}}, {"linear_model.LinearRegression": {}}]))
+    >>> c = calls(m)
+    >>> for i in range(5):
+    ...     c.learn_one({"a": float(i)}, 2.0 * i)
+    >>> c.predict_one({"a": 3.0}) == m.predict_one({"a": 3.0})
+    True
+    """
+    own = Calls(getattr(model, "predict_one", None), getattr(model, "predict_proba_one", None), model.learn_one)
+    if not isinstance(model, compose.Pipeline) or compose.Pipeline._LEARN_UNSUPERVISED_DURING_PREDICT:
+        return own
+    *head, last = model.steps.values()
+    simple = all(isinstance(t, base.Transformer) and not isinstance(t, (compose.TransformerUnion, base.AnomalyFilter))
+                 and not t._supervised for t in head)
+    if not head or not simple or isinstance(last, (base.Transformer, base.AnomalyFilter)) or not last._supervised:
+        return own
+    final_predict, final_learn = last.predict_one, last.learn_one
+    final_proba = getattr(last, "predict_proba_one", None)
+    if len(head) == 1:  # the usual case, without a loop
+        transform, learn_first = head[0].transform_one, head[0].learn_one
+
+        def predict_one(x: dict) -> Any:
+            return final_predict(transform(x))
+
+        def predict_proba_one(x: dict) -> dict:
+            return final_proba(transform(x))
+
+        def learn_one(x: dict, y: Any) -> None:
+            learn_first(x)
+            final_learn(transform(x), y)
+
+    else:
+        transforms = [t.transform_one for t in head]
+        steps = [(t.learn_one, t.transform_one) for t in head]
+
+        def _transformed(x: dict) -> dict:
+            for transform in transforms:
+                x = transform(x)
+            return x
+
+        def predict_one(x: dict) -> Any:
+            return final_predict(_transformed(x))
+
+        def predict_proba_one(x: dict) -> dict:
+            return final_proba(_transformed(x))
+
+        def learn_one(x: dict, y: Any) -> None:
+            for learn, transform in steps:
+                learn(x)
+                x = transform(x)
+            final_learn(x, y)
+
+    return Calls(predict_one, predict_proba_one if final_proba is not None else None, learn_one)
 
 
 def uses_imputer(model: base.Estimator) -> bool:
