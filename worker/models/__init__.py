@@ -58,8 +58,8 @@ def calls(model: base.Estimator) -> Calls:
     they leave out is the pipeline's general dispatch (routing extra arguments, unions,
     anomaly filters, supervised transformers, learning during prediction): about 1.4 µs per
     record for StandardScaler | LogisticRegression, 12 % of its time. Any other model gets
-    its own methods. ``tests/unit/test_models.py`` checks that both give the same predictions
-    and the same learned state.
+    its own methods. ``tests/unit/test_models.py`` checks that both give the same predictions,
+    record after record while learning and on further records after.
 
     >>> m = build_model(ModelSettings(task="regression", pipeline=[
     ...     {"preprocessing.StandardScaler": {}}, {"linear_model.LinearRegression": {}}]))
