@@ -51,7 +51,7 @@ from river import base
 
 from worker import affinity
 from worker.errors import WorkerError
-from worker.models import Calls, build_model, calls, final_step
+from worker.models import build_model, calls, final_step
 from worker.monitoring.drift import ConceptDrift
 from worker.policies import Challenger
 from worker.state import LEARNER_FIELDS, ShardState, join_learner, pickle_learner
@@ -223,7 +223,6 @@ class Learner:
         self.state = state
         self._step = config.step(state.model)
         self._warned: set[str] = set()  # mini-batch fallbacks already logged
-        self._calls: tuple[base.Estimator, Calls] | None = None  # the lean loop's methods, for this model
 
     def learn(
         self,
@@ -239,22 +238,18 @@ class Learner:
         config = self.config
         task = config.task
         step = self._step
-        if config.mini_batch > 1:
-            preds, extras, errors = self._predict_learn_many(xs, ys, frozen)
-            version = state.model_version  # (mini-batches come with no record-level policy: nothing to watch here)
+        concept = state.concept if config.owns_concept else None
+        challenger = state.challenger
+        version_before = version = state.model_version
+        # Nothing to watch record by record (mini-batches come with no record-level policy):
+        if config.mini_batch > 1 or (concept is None and challenger is None and frozen is None):
+            preds, extras, errors = (self._predict_learn_many(xs, ys, frozen) if config.mini_batch > 1
+                                     else self._plain(xs, ys))
             return LearnResult(preds=preds, extras=extras, versions=None, version_before=version, version=version,
                                errors=errors, events=[], changed=False, challenger=None,
                                seconds=time.perf_counter() - started)
         score_task = task in ("clustering", "anomaly")
         regression = task == "regression"
-        concept = state.concept if config.owns_concept else None
-        challenger = state.challenger
-        version_before = version = state.model_version
-        if concept is None and challenger is None and frozen is None:  # nothing to watch record by record
-            preds, extras, errors = self._plain(xs, ys)
-            return LearnResult(preds=preds, extras=extras, versions=None, version_before=version, version=version,
-                               errors=errors, events=[], changed=False, challenger=None,
-                               seconds=time.perf_counter() - started)
         preds: list = []
         extras: list = []
         add_pred, add_extra = preds.append, extras.append
@@ -324,9 +319,8 @@ class Learner:
         errors: dict[int, str] | None = None
         model = self.state.model
         if labels_from_proba(model, self.config.task, self.config.with_proba):
-            if self._calls is None or self._calls[0] is not model:
-                self._calls = (model, calls(model))
-            predict_proba, learn = self._calls[1].predict_proba_one, self._calls[1].learn_one
+            direct = calls(model)  # (once per batch: a few attribute look-ups)
+            predict_proba, learn = direct.predict_proba_one, direct.learn_one
             extras: list = []
             add = extras.append
             for i, x in enumerate(xs):
