@@ -398,6 +398,7 @@ class ApacheKafka(_Broker):
         auto_create_topics: bool = False,
         extra_properties: Mapping[str, object] | None = None,
         heap: str = "512m",
+        fixed_heap: bool = False,
         start_timeout: float = 90.0,
     ) -> None:
         super().__init__()
@@ -405,6 +406,10 @@ class ApacheKafka(_Broker):
         self.auto_create_topics = auto_create_topics
         self.extra_properties = dict(extra_properties or {})
         self.heap = heap
+        # The heap at its full size from the start (-Xms = -Xmx, as Kafka's own start script
+        # does): the young generation is then a third of it, collected every few seconds
+        # instead of several times a second. Tests start small (many brokers, short lives).
+        self.fixed_heap = fixed_heap
         self.start_timeout = start_timeout
         self.controller_port: int | None = None
         self.start_seconds: float | None = None
@@ -532,7 +537,7 @@ class ApacheKafka(_Broker):
         assert self.tmpdir is not None
         return [
             f"-Xmx{self.heap}",
-            "-Xms64m",
+            f"-Xms{self.heap if self.fixed_heap else '64m'}",
             "-XX:+UseSerialGC",          # 2-core box: no parallel GC threads
             "-XX:TieredStopAtLevel=1",   # C1 only: faster start, plenty for tests
             "-XX:-UsePerfData",

@@ -17,9 +17,9 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 try:  # `tests` importable as a package (python -m pytest from the repo root)
-    from tests.brokers import TANSU_CONSUMER_OVERRIDES, Tansu
+    from tests.brokers import TANSU_CONSUMER_OVERRIDES, ApacheKafka, Tansu
 except ImportError:  # rootdir-relative import (tests/ on sys.path)
-    from brokers import TANSU_CONSUMER_OVERRIDES, Tansu
+    from brokers import TANSU_CONSUMER_OVERRIDES, ApacheKafka, Tansu
 
 pytestmark = pytest.mark.integration
 
@@ -183,3 +183,15 @@ def test_kafka_restart_keeps_data(kafka):
     kafka.restart()
     assert kafka.bootstrap == port
     assert sorted(v for _, _, v in _read(kafka, topic, 5)) == [f"d{i}" for i in range(5)]
+
+
+def test_kafka_heap_grows_unless_fixed(tmp_path):
+    """The tests' brokers start small; the benchmark's (fixed_heap) start at their maximum."""
+
+    def heap_opts(**kw) -> list[str]:
+        b = ApacheKafka(**kw)
+        b.tmpdir = tmp_path
+        return [o for o in b._jvm_opts() if o.startswith(("-Xms", "-Xmx"))]
+
+    assert heap_opts() == ["-Xmx512m", "-Xms64m"]
+    assert heap_opts(heap="1g", fixed_heap=True) == ["-Xmx1g", "-Xms1g"]
