@@ -318,3 +318,31 @@ def test_redelivered_records_the_snapshot_has_are_not_taken_again(rabbitmq, ack_
         assert _take(source, 40)[:1] == [(60, 60)]
     finally:
         source.close()
+
+
+def test_the_backlog_of_an_owned_queue_is_sampled(rabbitmq):
+    """worker_rabbitmq_ready_messages: the messages the broker has not delivered yet. With a
+    prefetch of 10 and nothing acked, 10 of 100 are out and 90 wait in the queue."""
+    ex = _exchange()
+    queue = shard_queues(ex, 1)[0]
+    declare_topology(rabbitmq.url, ex, [queue], [])
+    publish(rabbitmq.url, ex, [{"id": i, "key": f"k{i}", "x": {"a": i}, "y": 0} for i in range(100)])
+    conn = RabbitConnection(rabbitmq.url, [queue], prefetch=10, fingerprints=False)
+    sink = RabbitSink(conn, {"predictions": None}, ack_after_snapshot=True, commit_every=1.0)
+    telemetry = Telemetry()
+    source = RabbitSource(conn, telemetry, ready_every=0.1)
+    source.start(_Listener(source, sink))
+
+    def ready() -> float | None:
+        return telemetry.registry.get_sample_value("worker_rabbitmq_ready_messages", {"shard": queue})
+
+    try:
+        assert _take(source, 10) == [(i, i) for i in range(10)]
+        deadline = time.monotonic() + 20
+        while ready() != 90 and time.monotonic() < deadline:
+            assert source.poll(1000, 0.1) == []  # (nothing acked: no more deliveries)
+        assert ready() == 90
+        telemetry.forget_shard(queue)  # (what the runtime does when the shard is lost)
+        assert ready() is None
+    finally:
+        source.close()

@@ -105,6 +105,11 @@ class Telemetry:
             "worker_kafka_lag_records", "Records between the shard's position and its partition's high watermark.",
             ["shard"], registry=r,
         )
+        self.rabbitmq_ready = Gauge(
+            "worker_rabbitmq_ready_messages",
+            "Messages ready in the shard's queue, not yet delivered to this worker (sampled every few seconds).",
+            ["shard"], registry=r,
+        )
         self.kafka_errors = Counter(
             "worker_kafka_errors", "Kafka client errors reported by librdkafka, by code name.", ["error"], registry=r
         )
@@ -133,7 +138,8 @@ class Telemetry:
 
     def forget_shard(self, shard: str) -> None:
         """Drop a shard's labelled series when it is revoked (keeps label sets bounded)."""
-        for metric in (self.model_version, self.position, self.last_checkpoint, self.snapshot_bytes, self.kafka_lag):
+        for metric in (self.model_version, self.position, self.last_checkpoint, self.snapshot_bytes, self.kafka_lag,
+                       self.rabbitmq_ready):
             try:
                 metric.remove(shard)
             except KeyError:

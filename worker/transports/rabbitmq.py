@@ -69,6 +69,8 @@ TIMEOUT = 30.0  # bound on one wait for the broker (confirms, an ack's receipt, 
 #: Redelivered records matched against a snapshot's window before they are taken as already learned.
 MATCH = 8
 PERSISTENT = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+#: Seconds between two samples of each owned queue's ready messages (``worker_rabbitmq_ready_messages``).
+READY_EVERY = 5.0
 
 
 def shard_queues(queue: str, shards: int) -> list[str]:
@@ -140,6 +142,7 @@ class _Queue:
         self.receipts: collections.deque[int] = collections.deque()  # (I/O thread) positions whose ack is applied
         self.generation = 0  # the connection its delivery tags belong to
         self.dedup: _Dedup | None = None
+        self.ready: int | None = None  # (I/O thread) messages ready in the queue at the last sample
 
     def reset(self, position: int, generation: int) -> None:
         """Taken from ``position`` on, on connection ``generation`` (at an assignment, then at the seek)."""
@@ -338,6 +341,12 @@ class RabbitConnection:
         generation = q.generation
         self._call(lambda: self._ack(q, tag, position, generation))
 
+    def sample_ready(self, queues: list[str]) -> None:
+        """Ask the broker how many messages wait in each of ``queues`` (a passive declare on its
+        channel); the answers land in ``_Queue.ready``."""
+        picked = [self.queues[name] for name in queues]
+        self._call(lambda: self._sample_ready(picked))
+
     def close(self) -> None:
         """Send what is queued (acks included), close the connection and stop the I/O thread."""
         self._closing = True
@@ -449,6 +458,13 @@ class RabbitConnection:
         if self.fingerprints:
             ch.basic_qos(prefetch_count=self.prefetch, callback=lambda _: q.receipts.append(position))
 
+    def _sample_ready(self, queues: list[_Queue]) -> None:
+        for q in queues:
+            ch = q.channel
+            if ch is not None and ch.is_open:
+                ch.queue_declare(q.name, passive=True,
+                                 callback=lambda frame, q=q: setattr(q, "ready", frame.method.message_count))
+
     def _on_closed(self, conn: Any, exc: Any) -> None:
         if not self._closing:
             log.warning("RabbitMQ connection lost: %r; reconnecting", exc)
@@ -456,6 +472,7 @@ class RabbitConnection:
         self._publisher = None
         for q in self.queues.values():
             q.channel = None
+            q.ready = None
             q.inbox.clear()  # (the broker redelivers them)
         with self._cond:
             self._generation += 1
@@ -471,14 +488,18 @@ class RabbitConnection:
 
 
 class RabbitSource:
-    """Shard queues in: every delivery of a queue, in order, with its position."""
+    """Shard queues in: every delivery of a queue, in order, with its position. Every
+    ``ready_every`` seconds it samples how many messages wait in the queues it owns (the
+    backlog: ``worker_rabbitmq_ready_messages``; deliveries it holds unacked are not counted)."""
 
-    def __init__(self, connection: RabbitConnection, telemetry: Telemetry):
+    def __init__(self, connection: RabbitConnection, telemetry: Telemetry, ready_every: float = READY_EVERY):
         self.conn = connection
         self.telemetry = telemetry
+        self.ready_every = ready_every
         self._listener: AssignmentListener | None = None
         self._assigned: list[str] = []
         self._generation = 0
+        self._sampled = 0.0  # (monotonic) when the ready messages were last asked for
 
     def start(self, listener: AssignmentListener) -> None:
         self._listener = listener
@@ -528,7 +549,19 @@ class RabbitSource:
                 q.prints.extend(map(fingerprint, values))
             q.next_position = start + len(values)
             batches.append(Batch(name, values, list(range(start, q.next_position))))
+        if self._assigned and time.monotonic() - self._sampled >= self.ready_every:
+            self._report_ready()
         return batches
+
+    def _report_ready(self) -> None:
+        """Publish the last sample of each owned queue's ready messages, and ask for the next."""
+        self._sampled = time.monotonic()
+        gauge = self.telemetry.rabbitmq_ready
+        for name in self._assigned:
+            ready = self.conn.queues[name].ready
+            if ready is not None:
+                gauge.labels(shard=name).set(ready)
+        self.conn.sample_ready(list(self._assigned))
 
     def _dedup(self, q: _Queue, deliveries: list) -> list:
         d = q.dedup
