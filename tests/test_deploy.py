@@ -78,6 +78,43 @@ def test_promtool_check_rules():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_falling_behind_fires_on_a_growing_backlog_only(tmp_path):
+    """promtool's rule unit test: a Kafka lag growing past 10,000 and a RabbitMQ backlog
+    growing likewise fire WorkerFallingBehind; a large backlog being worked off does not."""
+    tool = promtool()
+    shutil.copy(DEPLOY / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
+    labels = {"instance": "w:9108", "job": "worker"}
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    rule = next(r for g in rules["groups"] for r in g["rules"] if r["alert"] == "WorkerFallingBehind")
+    spec = {
+        "rule_files": ["alerts.yml"],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                {"series": 'worker_kafka_lag_records{instance="w:9108",job="worker",shard="in:0"}',
+                 "values": "5000+500x60"},
+                {"series": 'worker_rabbitmq_ready_messages{instance="w:9108",job="worker",shard="ex.1"}',
+                 "values": "20000+300x60"},
+                {"series": 'worker_kafka_lag_records{instance="w:9108",job="worker",shard="in:1"}',
+                 "values": "90000-1000x60"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "10m", "alertname": "WorkerFallingBehind", "exp_alerts": []},
+                {"eval_time": "45m", "alertname": "WorkerFallingBehind", "exp_alerts": [
+                    {"exp_labels": {**labels, "severity": "warning", "shard": shard},
+                     "exp_annotations": {"summary": f"Shard {shard} is falling behind on w:9108",
+                                         "description": rule["annotations"]["description"]}}
+                    for shard in ("in:0", "ex.1")
+                ]},
+            ],
+        }],
+    }
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(spec))
+    r = subprocess.run([tool, "test", "rules", str(tmp_path / "test.yml")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_alerts_use_only_exported_metrics():
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
     exported = exported_names()
