@@ -219,11 +219,17 @@ def main(argv: list[str] | None = None) -> int:
     for i, name in enumerate(brokers):
         if not only & {"kafka", "latency", "scaling"}:
             break
+        if "kafka" in only:
+            cpus = harness.off_learner_cpus(name)
+            where = "anywhere" if cpus is None else "on CPU " + ",".join(map(str, sorted(cpus)))
+            log(f"== Kafka contenders on {name} (the broker {where})")
+            results["meta"].setdefault("broker_cpus", {})[name] = None if cpus is None else sorted(cpus)
+            with harness.broker(name, cpus) as (bootstrap, consumer_conf):
+                throughput += contenders.measure(name, bootstrap, consumer_conf, records, values, names, repeat, log)
+        if not only & {"latency", "scaling"}:
+            continue
         log(f"== starting {name}")
         with harness.broker(name) as (bootstrap, consumer_conf):
-            if "kafka" in only:
-                log(f"== Kafka contenders on {name}")
-                throughput += contenders.measure(name, bootstrap, consumer_conf, records, values, names, repeat, log)
             if "latency" in only:
                 latencies += _latency(name, bootstrap, consumer_conf, records, values, throughput, args.quick)
             if "scaling" in only and i == 0:

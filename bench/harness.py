@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -57,28 +58,65 @@ def json_arg(value: dict) -> str:
 
 
 # -- brokers -----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def broker(name: str) -> Iterator[tuple[str, dict]]:
-    """Start ``tansu`` or ``kafka`` (Apache Kafka 4.x, KRaft) on 127.0.0.1; yield (bootstrap, consumer overrides).
+def off_learner_cpus(name: str) -> frozenset[int] | None:
+    """Where the broker ``name`` runs while the throughput contenders take their turns: off the
+    CPU that the worker's learner process gets (:data:`bench.common.WORKER_AFFINITY`), or
+    None (wherever the system puts it).
 
-    On tansu the overrides are TANSU_CONSUMER_OVERRIDES (group joins) and TANSU_FETCH.
+    A worker pinned with ``cpu_affinity: split`` is the bottleneck on its learner's CPU, and
+    a host configured for it keeps other processes off that CPU (docs/operations.md). tansu
+    (~0.12 of a core) is kept off it: left anywhere, its threads took ~8 % of the learner's
+    CPU away, and the worker's ratio rose from 0.89-0.92 to 0.98-0.99 when it was kept off
+    (A/B on two tansu brokers, ``python -m bench.kafka --bootstrap``, 100,000 records).
+    Apache Kafka (~0.4 of a core) is left anywhere: on the worker's other CPU it left too
+    little for the worker's own process (exactly-once 0.66 against 0.77, at-least-once 0.71
+    against 0.79). The single-process contenders run where the system puts them, beside a
+    broker kept off one CPU just the same.
     """
+    from bench.common import WORKER_AFFINITY
+    from worker import affinity
+
+    split = affinity.plan(WORKER_AFFINITY)
+    return split.worker if name == "tansu" and split is not None else None
+
+
+def start_broker(name: str, cpus: frozenset[int] | None = None) -> Any:
+    """Start ``tansu`` or ``kafka`` (Apache Kafka 4.x, KRaft) on 127.0.0.1 (a ``tests.brokers``
+    launcher; stop it with :func:`stop_broker`). ``cpus``: the CPUs it runs on (default:
+    wherever the system puts it; see :func:`off_learner_cpus`)."""
     sys.path.insert(0, str(REPO))
-    from tests.brokers import TANSU_CONSUMER_OVERRIDES, ApacheKafka, Tansu
+    from tests.brokers import ApacheKafka, Tansu
 
     # Apache Kafka with the heap of its own start script (1 GiB, -Xms = -Xmx): with the tests'
     # growing 512 MiB heap, its young collections (7-27 ms each) came 2-3 times a second and
     # were most of the at-least-once latency tail (docs/kafka.md, latency).
     b = Tansu() if name == "tansu" else ApacheKafka(heap="1g", fixed_heap=True)
+    b.cpus = None if cpus is None else set(cpus)
     b.start()
+    return b
+
+
+def stop_broker(b: Any) -> None:
+    if b.name == "Tansu":
+        b.kill()  # in-memory storage: nothing to flush, and SIGTERM takes it ~5 s
+    else:
+        b.stop()
+        b.cleanup()
+
+
+@contextlib.contextmanager
+def broker(name: str, cpus: frozenset[int] | None = None) -> Iterator[tuple[str, dict]]:
+    """:func:`start_broker`, then yield (bootstrap, consumer overrides); stopped on exit.
+
+    On tansu the overrides are TANSU_CONSUMER_OVERRIDES (group joins) and TANSU_FETCH.
+    """
+    b = start_broker(name, cpus)
     try:
+        from tests.brokers import TANSU_CONSUMER_OVERRIDES
+
         yield b.bootstrap, {**TANSU_CONSUMER_OVERRIDES, **TANSU_FETCH} if name == "tansu" else {}
     finally:
-        if isinstance(b, ApacheKafka):
-            b.stop()
-            b.cleanup()
-        else:
-            b.kill()  # in-memory storage: nothing to flush, and SIGTERM takes it ~5 s
+        stop_broker(b)
 
 
 def fill(bootstrap: str, topic: str, values: Sequence[bytes], partitions: int = 1) -> None:

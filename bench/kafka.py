@@ -1,7 +1,7 @@
 """The worker on Kafka (embedded tansu) as a ratio of the plain river loop, in one run.
 
     python -m bench.kafka [--records 30000] [--repeat 3] [--bootstrap HOST:PORT] [--cpu]
-                          [--in-flight 1,2] [--affinity none,split]
+                          [--in-flight 1,2] [--affinity none,split] [--broker-anywhere]
 
 The worker's learner calls a simple pipeline's steps directly (:func:`worker.models.calls`),
 which spares river's pipeline dispatch; the plain loop calls the pipeline as a user would.
@@ -19,7 +19,9 @@ Ratios are plain / worker, the plain loop timed right before and right after eac
 (the mean of the two; see :mod:`bench.contenders`); the median over the repetitions is reported. ``--in-flight 1,2``
 runs the worker with each of those ``limits.polls_in_flight`` in turn, in every repetition
 (an A/B in one run); ``--affinity`` likewise with ``cpu_affinity`` (default: ``split``, as
-in the suite: :data:`bench.common.WORKER_AFFINITY`).
+in the suite: :data:`bench.common.WORKER_AFFINITY`). The tansu started here runs off the
+learner's CPU, as in the suite (:func:`bench.harness.off_learner_cpus`); ``--broker-anywhere``
+lets it run anywhere.
 
 With ``--cpu`` each worker run also prints where the CPU went in that window
 (:mod:`bench.cpu`): this process's main thread and librdkafka's threads, the learner
@@ -41,8 +43,8 @@ from pathlib import Path
 from bench import worker_kafka
 from bench.common import WORKER_AFFINITY, agrawal, pin_hash_seed, plain_loop
 from bench.cpu import CpuSampler
-from bench.harness import interruptible, outputs
-from worker.embedded import CONSUMER_OVERRIDES, EmbeddedBroker
+from bench.harness import interruptible, off_learner_cpus, outputs, start_broker, stop_broker
+from worker.embedded import CONSUMER_OVERRIDES
 from worker.feeder import feed
 from worker.transports.kafka import create_topics
 
@@ -88,6 +90,9 @@ def main() -> None:
     parser.add_argument("--affinity", default=WORKER_AFFINITY,
                         help=f"cpu_affinity, or several (none,split) to alternate (default: {WORKER_AFFINITY})")
     parser.add_argument("--bootstrap", help="an existing broker (default: start tansu)")
+    parser.add_argument("--broker-anywhere", action="store_true",
+                        help="let the tansu started here run on any CPU (default: off the learner's, as in the "
+                             "suite: bench.harness.off_learner_cpus)")
     parser.add_argument("--cpu", action="store_true", help="print each worker run's CPU by process and thread (Linux)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -103,9 +108,12 @@ def main() -> None:
     times: dict[str, list[float]] = {"plain": [], "direct": [], **{name: [] for name, *_ in runs}}
     cpu: dict[str, list[list[dict]]] = {name: [] for name, *_ in runs}
     with contextlib.ExitStack() as stack:
-        broker = None if args.bootstrap else stack.enter_context(EmbeddedBroker(workdir / "tansu"))
+        broker = None
+        if not args.bootstrap:
+            broker = start_broker("tansu", None if args.broker_anywhere else off_learner_cpus("tansu"))
+            stack.callback(stop_broker, broker)
         bootstrap = args.bootstrap or broker.bootstrap
-        roles = None if not args.cpu else ({} if broker is None else {broker.proc.pid: "broker"})
+        roles = None if not args.cpu else ({} if broker is None else {broker.pid: "broker"})
         topic = f"bench-in-{uuid.uuid4().hex[:8]}"
         create_topics(bootstrap, [topic], partitions=1)
         feed(bootstrap, topic, ({"id": i, "x": x, "y": y} for i, (x, y) in enumerate(records)))

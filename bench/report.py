@@ -232,6 +232,14 @@ def markdown(results: dict) -> str:
               "beside it (~1.1x the plain loop), to tell that part of the worker's ratio apart.",
               "- On tansu every consumer gets `fetch.wait.max.ms=10` besides `session.timeout.ms=6000`: tansu 0.6 holds "
               "each fetch for the full `fetch.wait.max.ms` even when records are waiting (see bench/harness.py)."]
+    placed = results["meta"].get("broker_cpus") or {}
+    if placed:
+        where = "; ".join(f"{name} on {'CPU ' + ','.join(map(str, cpus)) if cpus else 'any CPU'}"
+                          for name, cpus in placed.items())
+        lines.append(f"- Where the broker ran during the Kafka contenders: {where}. A light broker is kept off the CPU of "
+                     "the worker's learner, as a host set up for `split` would keep it, and a heavy one is left "
+                     "anywhere, as it leaves the worker's other CPU too little (`bench.harness.off_learner_cpus`, "
+                     "with the A/B figures). Latency and scaling run on a broker placed by the system.")
     lines += ["", "## Goals (issue 6)", "", "| goal | measured | met |", "|---|---|---|"]
     for g in results["goals"]:
         met = "-" if g["met"] is None else ("yes" if g["met"] else "**no**")

@@ -197,6 +197,9 @@ class _Broker:
         self._probe_admin = None
         self.tmpdir: Path | None = None
         self._own_tmpdir = False  # (cleanup deletes only a temp dir it made)
+        #: The CPUs the broker process starts on (its affinity, which every thread it starts
+        #: inherits); None: wherever the system puts it. Set before ``start``.
+        self.cpus: set[int] | None = None
 
     # -- public ---------------------------------------------------------------
     @property
@@ -327,6 +330,10 @@ class _Broker:
     def _spawn(self, argv: list[str], cwd: Path, env: Mapping[str, str] | None = None) -> None:
         assert self.log_path is not None
         logf = open(self.log_path, "ab")
+        own = None
+        if self.cpus is not None:  # a child inherits the affinity of the thread that starts it
+            own = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, self.cpus)
         try:
             self.proc = subprocess.Popen(
                 argv,
@@ -339,6 +346,8 @@ class _Broker:
             )
         finally:
             logf.close()
+            if own is not None:
+                os.sched_setaffinity(0, own)
         with _STARTED_LOCK:
             _STARTED.add(self)
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.harness import off_learner_cpus
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -52,6 +54,9 @@ def test_quick_run_writes_every_result(tmp_path):
     assert "## Goals (issue 6)" in table and "exactly-once >= 0.85" in table and "## Mini-batch mode" in table
     assert "RabbitMQ worker >= 0.9 of a plain async pika loop" in table
     assert "## Cost growth with model size" in table
+    cpus = off_learner_cpus("tansu")  # the broker of the Kafka contenders, off the learner's CPU
+    assert results["meta"]["broker_cpus"] == {"tansu": None if cpus is None else sorted(cpus)}
+    assert "Where the broker ran during the Kafka contenders: tansu on " in table
     assert (tmp_path / "throughput.png").stat().st_size > 10_000
 
 

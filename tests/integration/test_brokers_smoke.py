@@ -10,6 +10,7 @@ where it fails them. The brokers are the session's (tests/integration/conftest.p
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 
@@ -195,3 +196,19 @@ def test_kafka_heap_grows_unless_fixed(tmp_path):
 
     assert heap_opts() == ["-Xmx512m", "-Xms64m"]
     assert heap_opts(heap="1g", fixed_heap=True) == ["-Xmx1g", "-Xms1g"]
+
+
+def test_broker_started_on_given_cpus():
+    """``cpus`` confines the broker process and every thread it starts; the caller keeps its own CPUs."""
+    mine = os.sched_getaffinity(0)
+    one = {min(mine)}
+    b = Tansu()
+    b.cpus = one
+    b.start()
+    try:
+        tasks = os.listdir(f"/proc/{b.pid}/task")
+        assert len(tasks) > 1  # tokio's threads, started after the launch
+        assert all(os.sched_getaffinity(int(t)) == one for t in tasks)
+    finally:
+        b.kill()
+    assert os.sched_getaffinity(0) == mine
