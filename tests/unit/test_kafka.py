@@ -425,6 +425,43 @@ def test_callbacks_after_a_failed_one_set_up_assigned_shards_and_commit_nothing_
     assert str(source._callback_error) == "injected: the commit at the revoke failed"  # the first one is raised
 
 
+def test_an_assignment_met_while_closing_is_handed_back_without_a_broker_call():
+    """A partner leaving the group while this consumer closes: librdkafka serves the assignment
+    from inside close(). Asking for its committed offsets there waited out the whole timeout
+    (a stop held 30 s and more, seen in CI); the shards must not be taken up either."""
+    from worker.monitoring.telemetry import Telemetry
+
+    calls: list = []
+
+    class Listener:
+        def on_assign(self, shards):
+            calls.append(("assign", shards))
+
+        def on_revoke(self, shards):
+            calls.append(("revoke", shards))
+
+        def on_lost(self, shards):
+            calls.append(("lost", shards))
+
+    class ClosingConsumer:
+        def committed(self, partitions, timeout=None):
+            calls.append(("committed", timeout))
+            raise AssertionError("a broker call from inside close()")
+
+        def incremental_assign(self, partitions):
+            calls.append(("incremental_assign", [(tp.topic, tp.partition) for tp in partitions]))
+
+        def close(self):  # as librdkafka does when an assignment arrives during the close
+            source._on_assign(self, [TopicPartition("in", 0)])
+
+    source = KafkaSource({}, ["in"], Telemetry())
+    source._listener = Listener()
+    source.consumer = ClosingConsumer()
+    source.close()
+    assert calls == [("incremental_assign", [("in", 0)])]
+    assert source._callback_error is None and source.consumer is None
+
+
 def test_a_lost_asynchronous_commit_is_sent_again(mock_cluster):
     sink, source = _alo_sink(mock_cluster)
     sink.publish(Outputs(predictions=[(None, b"a1")]))

@@ -98,6 +98,7 @@ class KafkaSource:
         self._committed: dict[str, int | None] = {}
         self._callback_error: BaseException | None = None
         self._assigned: set[str] = set()
+        self._closing = False
         #: An asynchronous offset commit failed since the sink last looked (it then commits every position again).
         self.commit_failed = False
 
@@ -117,6 +118,7 @@ class KafkaSource:
         """Leave the group (the final revoke commits and snapshots through the listener)."""
         if self.consumer is None:
             return
+        self._closing = True
         try:
             self.consumer.close()
         except (KafkaException, RuntimeError) as exc:
@@ -148,6 +150,13 @@ class KafkaSource:
         return names
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._closing:  # (a rebalance met while leaving: take nothing up; close() hands it all back)
+            # Asking for the committed offsets from inside close() waited for the whole timeout:
+            # a partner leaving the group at the moment of a stop held the stop for 30 s and more.
+            consumer.incremental_assign(partitions)
+            log.info("partitions assigned while leaving the group: not taken up",
+                     extra={"shards": [shard_name(tp.topic, tp.partition) for tp in partitions]})
+            return
         self._pending_seek = {}
         if partitions:
             try:
