@@ -97,11 +97,13 @@ def start_broker(name: str, cpus: frozenset[int] | None = None) -> Any:
 
 
 def stop_broker(b: Any) -> None:
-    if b.name == "Tansu":
-        b.kill()  # in-memory storage: nothing to flush, and SIGTERM takes it ~5 s
-    else:
+    from tests.brokers import ApacheKafka
+
+    if isinstance(b, ApacheKafka):
         b.stop()
         b.cleanup()
+    else:
+        b.kill()  # tansu: in-memory storage, nothing to flush, and SIGTERM takes it ~5 s
 
 
 @contextlib.contextmanager

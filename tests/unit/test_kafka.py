@@ -398,26 +398,32 @@ def test_an_output_too_large_for_the_producer_becomes_a_short_dead_letter(mock_c
     sink.close()
 
 
+class _RecordingListener:
+    """An assignment listener that appends ``(kind, shards)`` to ``calls``; ``revoke_error`` is raised by each revoke."""
+
+    def __init__(self, calls: list, revoke_error: Exception | None = None):
+        self.calls, self.revoke_error = calls, revoke_error
+
+    def on_assign(self, shards):
+        self.calls.append(("assign", shards))
+
+    def on_revoke(self, shards):
+        self.calls.append(("revoke", shards))
+        if self.revoke_error is not None:
+            raise self.revoke_error
+
+    def on_lost(self, shards):
+        self.calls.append(("lost", shards))
+
+
 def test_callbacks_after_a_failed_one_set_up_assigned_shards_and_commit_nothing_for_revoked_ones():
     """A revoke that raised (its commit failed) and a later assignment in the same poll: the new
     shards must still reach the runtime (the rewind then covers them), and a revoke must not commit."""
     from worker.monitoring.telemetry import Telemetry
 
     calls: list = []
-
-    class Listener:
-        def on_assign(self, shards):
-            calls.append(("assign", shards))
-
-        def on_revoke(self, shards):
-            calls.append(("revoke", shards))
-            raise Rewind("injected: the commit at the revoke failed")
-
-        def on_lost(self, shards):
-            calls.append(("lost", shards))
-
     source = KafkaSource({}, ["in"], Telemetry())
-    source._listener = Listener()
+    source._listener = _RecordingListener(calls, revoke_error=Rewind("injected: the commit at the revoke failed"))
     source._run_listener("on_revoke", [TopicPartition("in", 0)])
     source._run_listener("on_assign", [TopicPartition("in", 1)])
     source._run_listener("on_revoke", [TopicPartition("in", 2)])
@@ -433,16 +439,6 @@ def test_an_assignment_met_while_closing_is_handed_back_without_a_broker_call():
 
     calls: list = []
 
-    class Listener:
-        def on_assign(self, shards):
-            calls.append(("assign", shards))
-
-        def on_revoke(self, shards):
-            calls.append(("revoke", shards))
-
-        def on_lost(self, shards):
-            calls.append(("lost", shards))
-
     class ClosingConsumer:
         def committed(self, partitions, timeout=None):
             calls.append(("committed", timeout))
@@ -455,7 +451,7 @@ def test_an_assignment_met_while_closing_is_handed_back_without_a_broker_call():
             source._on_assign(self, [TopicPartition("in", 0)])
 
     source = KafkaSource({}, ["in"], Telemetry())
-    source._listener = Listener()
+    source._listener = _RecordingListener(calls)
     source.consumer = ClosingConsumer()
     source.close()
     assert calls == [("incremental_assign", [("in", 0)])]
